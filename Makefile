@@ -1,0 +1,35 @@
+# Two commands set everything up on a fresh machine:
+#   make run   - create .venv, install metagrad, train+evaluate MAML on sinusoid regression (short default)
+#   make test  - create .venv, install dev dependencies, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: run test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch is pinned to the CPU build that lies on this machine's disk; installed first so that
+# the project's `torch>=2.3` is already satisfied and nothing larger is downloaded.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/metagrad train sinusoid --preset quick --out runs/sinusoid-quick
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check metagrad tests benchmarks
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/bench_sinusoid.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""metagrad: gradient-based meta-learning for any torch.nn.Module."""
