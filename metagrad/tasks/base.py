@@ -16,7 +16,8 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class TaskBatch:
-    """``support_x``: ``[tasks, n_support, *x_shape]``, ``query_x``: ``[tasks, n_query, *x_shape]``."""
+    """``support_x``: ``[tasks, n_support, *x_shape]``; ``query_x``: ``[tasks, n_query, *x_shape]``;
+    targets likewise."""
 
     support_x: Tensor
     support_y: Tensor
@@ -47,7 +48,8 @@ class TaskBatch:
             self.support_x[index], self.support_y[index], self.query_x[index], self.query_y[index]
         )
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TaskBatch:
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> TaskBatch:
         """Moves the tensors; ``dtype`` applies to floating-point tensors only."""
 
         def move(t: Tensor) -> Tensor:

@@ -1,0 +1,214 @@
+"""MAML (Finn, Abbeel & Levine 2017) for any ``nn.Module``, on the functional core.
+
+Meta-objective (Eq. 3, averaged over a batch of tasks T_i):
+
+    min_θ  1/n Σ_i  L_query,i( θ'_i ),   θ'_i = InnerLoop_K(θ; support_i)   (Eq. 1, K steps)
+
+``meta_loss(...).backward()`` fills ``.grad`` of the model's parameters (and of the learned inner
+rates) with the exact meta-gradient (second order) or its first-order approximation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from metagrad.core.batching import Batching, per_task
+from metagrad.core.functional import (
+    FunctionalModel,
+    Params,
+    ParamSelector,
+    batch_norm_uses_batch_statistics,
+    double_backward_kernels,
+    select_names,
+)
+from metagrad.core.inner_loop import LearningRate, inner_loop
+from metagrad.core.rates import InnerLearningRates
+from metagrad.errors import ConfigError
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class MAML(nn.Module):
+    """Model-agnostic meta-learner around ``model``, whose tensors adaptation never modifies.
+
+    Args:
+        model: any ``nn.Module``; parameters shared between layers stay shared.
+        loss_fn: ``loss_fn(output, target) -> scalar`` (e.g. ``F.cross_entropy``, ``F.mse_loss``).
+        inner_lr: α; the initial value when learned.
+        inner_steps: K, the default number of inner steps (``adapt(..., steps=)`` overrides).
+        first_order: FOMAML: inner gradients treated as constants.
+        learn_inner_lr: learn α per parameter element (Meta-SGD).
+        adapt: which parameters adapt (None = all; a prefix such as ``"head"``, names, or a
+            predicate ``(name, tensor) -> bool``); the rest are shared (ANIL).
+        transductive: BatchNorm policy. The support set, being given data, is always normalised
+            with its own batch statistics during adaptation, and running statistics are never
+            written by :meth:`adapt`. ``True`` (the paper's code): queries too are normalised
+            with their own batch statistics. ``False``: queries follow the model's mode; in
+            train mode :meth:`meta_loss` normalises them with batch statistics and updates the
+            model's running statistics from them (once per call), in eval mode they are
+            normalised with the running statistics, so each prediction is independent of the
+            other queries.
+        batching: ``"auto"`` (vmap when verified exact for this model, else a loop), ``"vmap"``,
+            ``"loop"``.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.01,
+                 inner_steps: int = 1, first_order: bool = False, learn_inner_lr: bool = False,
+                 adapt: ParamSelector = None, transductive: bool = True,
+                 batching: Batching = "auto", inner_rates: nn.Module | None = None) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(inner_steps, int) or inner_steps < 1:
+            raise ConfigError(f"inner_steps must be a positive integer, got {inner_steps!r}")
+        if not inner_lr > 0:
+            raise ConfigError(f"inner_lr must be > 0, got {inner_lr!r}")
+        if batching not in ("auto", "vmap", "loop"):
+            raise ConfigError(f"batching must be 'auto', 'vmap' or 'loop', got {batching!r}")
+        self.model = model
+        self.functional = FunctionalModel(model)
+        self.loss_fn = loss_fn
+        self.inner_steps = inner_steps
+        self.first_order = first_order
+        self.transductive = transductive
+        self.batching: Batching = batching
+        params = self.functional.params()
+        self.adapted_names = select_names(params, adapt)
+        if not self.adapted_names:
+            raise ConfigError(
+                f"no parameters selected for adaptation by adapt={adapt!r}; the model's "
+                f"parameters are: {', '.join(list(params)[:12]) or '(none)'}"
+            )
+        if inner_rates is None and learn_inner_lr:
+            inner_rates = InnerLearningRates(params, self.adapted_names, inner_lr, per_element=True)
+        self.inner_rates = inner_rates
+        self.inner_lr = float(inner_lr)
+
+    # -- the functional pieces -------------------------------------------------------------
+    def params(self) -> Params:
+        """θ: the model's parameters by name (the live tensors; gradients flow into them)."""
+        return self.functional.params()
+
+    def learning_rate(self) -> LearningRate:
+        return self.inner_rates if self.inner_rates is not None else self.inner_lr
+
+    def functional_forward(self, params: Params, x: Tensor,
+                           buffers: dict[str, Tensor] | None = None, *,
+                           batch_statistics: bool | None = None) -> Tensor:
+        """The model's output on ``x`` with parameters ``params`` (e.g. from :meth:`adapt`).
+
+        ``buffers`` default to copies of the model's, so the model's own are never written.
+        ``batch_statistics`` forces BatchNorm to use the batch's statistics (default: the
+        ``transductive`` setting)."""
+        buffers = self.functional.buffers() if buffers is None else buffers
+        if self.transductive if batch_statistics is None else batch_statistics:
+            with batch_norm_uses_batch_statistics(self.model):
+                return self.functional(params, buffers, x)
+        return self.functional(params, buffers, x)
+
+    def loss(self, params: Params, x: Tensor, y: Tensor,
+             buffers: dict[str, Tensor] | None = None, *,
+             batch_statistics: bool | None = None) -> Tensor:
+        """``loss_fn(model(x; params), y)``."""
+        out = self.functional_forward(params, x, buffers, batch_statistics=batch_statistics)
+        return self.loss_fn(out, y)
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None, *,
+              first_order: bool | None = None, trajectory: bool = False,
+              params: Params | None = None,
+              buffers: dict[str, Tensor] | None = None) -> Params | list[Params]:
+        """θ' after ``steps`` (default K) inner steps on one task's support set (no task dim).
+
+        ``steps=0`` returns θ. With ``trajectory=True``: the list [θ'₀, …, θ'_steps].
+        """
+        steps = self.inner_steps if steps is None else steps
+        if not isinstance(steps, int) or steps < 0:
+            raise ConfigError(f"steps must be an integer >= 0, got {steps!r}")
+        _check_pair(support_x, support_y, "support")
+        first_order = self.first_order if first_order is None else first_order
+        buffers = self.functional.buffers() if buffers is None else buffers
+        with double_backward_kernels(not first_order):
+            return inner_loop(
+                lambda p: self.loss(p, support_x, support_y, buffers, batch_statistics=True),
+                self.params() if params is None else params,
+                steps=steps, lr=self.learning_rate(), first_order=first_order,
+                adapt=self.adapted_names, trajectory=trajectory,
+            )
+
+    def task_query_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                        query_y: Tensor, steps: int | None = None,
+                        buffers: dict[str, Tensor] | None = None) -> Tensor:
+        """L_query(θ') for one task."""
+        buffers = self.functional.buffers() if buffers is None else buffers
+        adapted = self.adapt(support_x, support_y, steps, buffers=buffers)
+        return self.loss(adapted, query_x, query_y, buffers)
+
+    def meta_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
+                  steps: int | None = None) -> Tensor:
+        """Mean over tasks (leading dimension) of the query loss after adaptation (Eq. 3)."""
+        check_task_batch(support_x, support_y, query_x, query_y)
+        buffers = self.functional.buffers()
+        with double_backward_kernels(not self.first_order):
+            losses = per_task(
+                lambda sx, sy, qx, qy: self.task_query_loss(sx, sy, qx, qy, steps, buffers),
+                (support_x, support_y, query_x, query_y),
+                self.batching, self.model, self.first_order,
+            )
+        if not self.transductive and self.model.training:
+            self._store_running_statistics(buffers)
+        return losses.mean()
+
+    @torch.no_grad()
+    def _store_running_statistics(self, buffers: dict[str, Tensor]) -> None:
+        for name, buffer in self.model.named_buffers():
+            buffer.copy_(buffers[name])
+
+
+def _check_pair(x: Tensor, y: Tensor, which: str) -> None:
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise ConfigError(f"{which} inputs and targets must be tensors")
+    if x.shape[:1] != y.shape[:1]:
+        raise ConfigError(
+            f"{which} set: {x.shape[0] if x.dim() else 'a scalar'} inputs but "
+            f"{y.shape[0] if y.dim() else 'a scalar'} targets; each input needs one target "
+            f"(inputs {tuple(x.shape)}, targets {tuple(y.shape)})"
+        )
+
+
+def check_task_batch(support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                     query_y: Tensor) -> None:
+    """Clear errors for the mistakes seen in practice: a missing task dimension, tasks that do not
+    line up, support and query examples of different shapes."""
+    tensors = {"support_x": support_x, "support_y": support_y, "query_x": query_x,
+               "query_y": query_y}
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise ConfigError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() < 2:
+            raise ConfigError(
+                f"{name} has shape {tuple(t.shape)}: expected a leading task dimension and an "
+                "example dimension, [tasks, examples, ...]; for one task use adapt() or add "
+                "a task dimension with .unsqueeze(0)"
+            )
+    counts = {name: t.shape[0] for name, t in tensors.items()}
+    if len(set(counts.values())) != 1:
+        raise ConfigError(
+            "mismatched task dimensions: " + ", ".join(f"{k} has {v}" for k, v in counts.items())
+            + " tasks; all four need the same leading task dimension"
+        )
+    _check_pair(support_x[0], support_y[0], "support")
+    _check_pair(query_x[0], query_y[0], "query")
+    if support_x.shape[2:] != query_x.shape[2:]:
+        raise ConfigError(
+            f"support and query examples differ in shape: support_x {tuple(support_x.shape)} vs "
+            f"query_x {tuple(query_x.shape)} (dimensions after [tasks, examples] must match)"
+        )
+    if support_y.shape[2:] != query_y.shape[2:]:
+        raise ConfigError(
+            f"support and query targets differ in shape: support_y {tuple(support_y.shape)} vs "
+            f"query_y {tuple(query_y.shape)}"
+        )
+

@@ -1,0 +1,126 @@
+"""Functional view of an ``nn.Module``: parameters and buffers as explicit dicts.
+
+The meta-model's own tensors are never written: adaptation produces *new* tensors that are
+handed to :func:`torch.func.functional_call` for one forward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.modules.batchnorm import _BatchNorm
+
+Params = dict[str, Tensor]
+"""Parameter name (as in ``module.named_parameters()``) -> tensor."""
+
+ParamSelector = Callable[[str, Tensor], bool] | str | list[str] | tuple[str, ...] | None
+
+
+def model_params(model: nn.Module) -> Params:
+    """The model's parameters by name; a parameter shared by two layers appears once."""
+    return dict(model.named_parameters())
+
+
+def select_names(params: Mapping[str, Tensor], selector: ParamSelector) -> list[str]:
+    """Names chosen by ``selector``: ``None`` (all), a prefix string (``"head"`` selects
+    ``head.weight`` and ``head.bias``), a list of names/prefixes, or a predicate
+    ``(name, tensor) -> bool``."""
+    if selector is None:
+        names = list(params)
+    elif callable(selector):
+        names = [n for n, p in params.items() if selector(n, p)]
+    else:
+        prefixes = [selector] if isinstance(selector, str) else list(selector)
+        names = [
+            n for n in params if any(n == p or n.startswith(p.rstrip(".") + ".") for p in prefixes)
+        ]
+    return names
+
+
+@contextlib.contextmanager
+def batch_norm_uses_batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Transductive BatchNorm: every ``_BatchNorm`` layer normalises with the statistics of the
+    batch it is given and neither reads nor updates its running buffers (the behaviour of the MAML
+    paper's code). Restores each layer's flags on exit."""
+    saved = []
+    for module in model.modules():
+        if isinstance(module, _BatchNorm):
+            saved.append((module, module.training, module.track_running_stats))
+            module.training = True
+            module.track_running_stats = False
+    try:
+        yield
+    finally:
+        for module, training, track in saved:
+            module.training = training
+            module.track_running_stats = track
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, _BatchNorm) for m in model.modules())
+
+
+@contextlib.contextmanager
+def double_backward_kernels(enabled: bool) -> Iterator[None]:
+    """Routes ``scaled_dot_product_attention`` to its composite (math) kernel, whose backward is
+    differentiable again; the fused CPU flash kernel has no double backward."""
+    if not enabled:
+        yield
+        return
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+def _alias_map(named: list[tuple[str, Tensor]], model: nn.Module) -> dict[str, list[str]]:
+    """For each tensor reachable under several names, the extra names through which a *different*
+    module holds it (weight tying). A module registered twice (``self.b = self.a``) shares its
+    attributes already, so those names are left out: listing them would set and restore one
+    attribute twice, which leaves the adapted tensor in place (torch 2.13 ``functional_call``
+    with ``tie_weights=True`` does exactly that)."""
+    first: dict[int, str] = {}
+    seen_slots: set[tuple[int, str]] = set()
+    aliases: dict[str, list[str]] = {}
+    for name, tensor in named:
+        owner_path, _, attr = name.rpartition(".")
+        slot = (id(model.get_submodule(owner_path)), attr)
+        if slot in seen_slots:
+            continue
+        seen_slots.add(slot)
+        if id(tensor) in first:
+            aliases.setdefault(first[id(tensor)], []).append(name)
+        else:
+            first[id(tensor)] = name
+    return aliases
+
+
+class FunctionalModel:
+    """``model`` evaluated with explicit parameters and buffers (:func:`functional_call`), with
+    tied and shared tensors kept tied. The module itself is only borrowed for the call."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.module = model
+        self._aliases = _alias_map(
+            list(model.named_parameters(remove_duplicate=False))
+            + list(model.named_buffers(remove_duplicate=False)),
+            model,
+        )
+
+    def params(self) -> Params:
+        return model_params(self.module)
+
+    def buffers(self) -> dict[str, Tensor]:
+        """Copies of the buffers, so that a forward in train mode cannot write the model's."""
+        return {n: b.clone() for n, b in self.module.named_buffers()}
+
+    def __call__(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], *args: Any,
+                 **kwargs: Any) -> Any:
+        tensors = {**buffers, **params}
+        for name, extra in self._aliases.items():
+            if name in tensors:
+                tensors.update(dict.fromkeys(extra, tensors[name]))
+        return functional_call(self.module, tensors, args, kwargs, tie_weights=False, strict=False)
