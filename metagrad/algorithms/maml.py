@@ -27,6 +27,7 @@ from metagrad.core.functional import (
 from metagrad.core.inner_loop import LearningRate, inner_loop
 from metagrad.core.rates import InnerLearningRates
 from metagrad.errors import ConfigError
+from metagrad.tasks.base import TaskBatch
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -160,6 +161,15 @@ class MAML(nn.Module):
         if not self.transductive and self.model.training:
             self._store_running_statistics(buffers)
         return losses.mean()
+
+    def meta_gradient(self, batch: TaskBatch) -> Tensor:
+        """Accumulates the meta-gradient of one task batch into ``.grad``; returns the loss.
+
+        The one method a trainer calls; algorithms whose outer gradient is not the derivative of
+        a loss (Reptile, iMAML) override it."""
+        loss = self.meta_loss(*batch.tensors())
+        loss.backward()
+        return loss.detach()
 
     @torch.no_grad()
     def _store_running_statistics(self, buffers: dict[str, Tensor]) -> None:

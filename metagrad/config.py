@@ -1,0 +1,182 @@
+"""Typed experiment configuration: defaults < task preset < config file < command-line flags.
+
+Every field can be set from a YAML file or as ``--field-name VALUE`` on the command line;
+unknown keys are refused with the closest valid name suggested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from metagrad.errors import ConfigError
+
+TASKS = ("sinusoid", "omniglot", "miniimagenet")
+ALGORITHMS = ("maml",)
+
+
+@dataclass
+class ExperimentConfig:
+    """One supervised meta-learning experiment (see README for each field's meaning)."""
+
+    task: str = "sinusoid"
+    algo: str = "maml"
+    # tasks
+    ways: int = 5
+    shots: int = 10
+    queries: int = 10
+    data: str | None = None
+    split: str = "paper"
+    rotations: bool = True
+    # inner loop
+    inner_lr: float = 0.01
+    inner_steps: int = 1
+    first_order: bool = False
+    learn_inner_lr: bool = False
+    transductive: bool = True
+    batching: str = "auto"
+    # outer loop
+    meta_batch: int = 25
+    meta_lr: float = 1e-3
+    iterations: int = 70000
+    # the "pretrained on all tasks, then fine-tuned" baseline (trained beside MAML)
+    baseline: bool = True
+    baseline_iterations: int | None = None
+    # validation and evaluation
+    val_every: int = 1000
+    val_tasks: int = 100
+    eval_tasks: int = 600
+    eval_steps: int = 10
+    eval_shots: list[int] = field(default_factory=lambda: [5, 10])
+    eval_queries: int | None = None
+    eval_lr: float | None = None
+    # run
+    seed: int = 0
+    threads: int | None = None
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+
+    def validate(self) -> ExperimentConfig:
+        if self.task not in TASKS:
+            raise ConfigError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.algo not in ALGORITHMS:
+            raise ConfigError(_unknown("algorithm", self.algo, ALGORITHMS))
+        for name in ("ways", "shots", "queries", "inner_steps", "meta_batch", "iterations",
+                     "val_every", "val_tasks", "eval_tasks", "log_every", "checkpoint_every",
+                     "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.eval_steps < 0:
+            raise ConfigError(f"eval_steps must be >= 0, got {self.eval_steps}")
+        for name in ("inner_lr", "meta_lr", "eval_lr"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and 0 < value < math.inf):
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        if not self.eval_shots or any(s < 1 for s in self.eval_shots):
+            raise ConfigError(f"eval_shots must list positive integers, got {self.eval_shots}")
+        if self.batching not in ("auto", "vmap", "loop"):
+            raise ConfigError(_unknown("batching", self.batching, ("auto", "vmap", "loop")))
+        if self.task == "omniglot" and self.split not in ("paper", "background"):
+            raise ConfigError(_unknown("split", self.split, ("paper", "background")))
+        if self.ways < 2 and self.task != "sinusoid":
+            raise ConfigError(f"classification needs ways >= 2, got {self.ways}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+
+# Settings of the MAML paper (Finn et al. 2017, §5.1 and appendix A.1), per task.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "sinusoid": {
+        "paper": dict(shots=10, queries=10, inner_lr=0.01, inner_steps=1, meta_batch=25,
+                      meta_lr=1e-3, iterations=70000, eval_steps=10, eval_shots=[5, 10],
+                      eval_queries=100),
+        "quick": dict(shots=10, queries=10, inner_lr=0.01, inner_steps=1, meta_batch=25,
+                      meta_lr=1e-3, iterations=4000, val_every=500, checkpoint_every=500,
+                      eval_steps=10, eval_shots=[5, 10], eval_queries=100),
+    },
+}
+
+
+def _unknown(kind: str, value: str, choices: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(str(value), list(choices), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"unknown {kind} {value!r}.{hint} Valid: {', '.join(choices)}"
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Converts a value from YAML or the command line to the field's type, or explains why not."""
+    if name not in FIELDS:
+        raise ConfigError(_unknown("setting", name, list(FIELDS)))
+    default = FIELDS[name].default
+    if default is dataclasses.MISSING:
+        default = FIELDS[name].default_factory()  # type: ignore[misc]
+    annotation = str(FIELDS[name].type)
+    try:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if "None" not in annotation:
+                raise ConfigError(f"{name} cannot be empty")
+            return None
+        if isinstance(default, bool) or annotation == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(value).lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if annotation.startswith("list[int]"):
+            if isinstance(value, str):
+                value = [v for v in value.replace(",", " ").split() if v]
+            return [int(v) for v in value]
+        if "int" in annotation and "float" not in annotation:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if "float" in annotation:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: cannot read {value!r} as {annotation}") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of setting: value")
+    return data
+
+
+def resolve(task: str, preset: str | None = None, overrides: dict[str, Any] | None = None
+            ) -> ExperimentConfig:
+    """The configuration for ``task``: defaults, then the task preset, then ``overrides``."""
+    if task not in TASKS:
+        raise ConfigError(_unknown("task", task, TASKS))
+    overrides = {k: coerce(k, v) for k, v in (overrides or {}).items()}
+    presets = PRESETS.get(task, {})
+    preset = preset or "paper"
+    if presets and preset not in presets:
+        raise ConfigError(_unknown(f"preset for {task}", preset, list(presets)))
+    values: dict[str, Any] = {"task": task, **presets.get(preset, {}), **overrides}
+    return ExperimentConfig(**values).validate()
+
+
+def from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    return ExperimentConfig(**{k: coerce(k, v) for k, v in data.items()}).validate()

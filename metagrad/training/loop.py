@@ -1,0 +1,189 @@
+"""The meta-training loop: sample a batch of tasks, accumulate each learner's meta-gradient, step
+its optimizer; log, validate, checkpoint; resume exactly where a run stopped.
+
+A run directory holds ``config.yaml`` (resolved settings), ``metrics.jsonl`` (one JSON object
+per logged iteration), ``checkpoints/`` and, after evaluation, ``eval.json`` and figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from metagrad.config import ExperimentConfig, from_dict
+from metagrad.errors import CheckpointError, ConfigError, TrainingDivergedError
+from metagrad.training import checkpoint as ckpt
+from metagrad.training.evaluation import mean_ci95, per_step_metrics
+from metagrad.training.experiment import Experiment, build
+
+VAL_SEED_OFFSET = 1_000_003
+TEST_SEED_OFFSET = 2_000_029
+
+
+def write_config(cfg: ExperimentConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def read_config(run_dir: Path) -> ExperimentConfig:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass the directory "
+                          "given to `metagrad train --out`")
+    return from_dict(yaml.safe_load(path.read_text()))
+
+
+class Trainer:
+    """Trains every learner of an :class:`Experiment` on the same task batches."""
+
+    def __init__(self, exp: Experiment, run_dir: Path) -> None:
+        cfg = exp.config
+        self.exp = exp
+        self.run_dir = run_dir
+        self.optimizers = {
+            name: torch.optim.Adam(learner.parameters(), lr=cfg.meta_lr)
+            for name, learner in exp.learners.items()
+        }
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.iteration = 0
+        self.best: float | None = None
+        self.checkpoints = ckpt.CheckpointDir(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
+        self._stop_signal: int | None = None
+
+    # -- state --------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "iteration": self.iteration,
+            "best": self.best,
+            "config": self.exp.config.to_dict(),
+            "learners": {n: learner.state_dict() for n, learner in self.exp.learners.items()},
+            "optimizers": {n: opt.state_dict() for n, opt in self.optimizers.items()},
+            "rng": ckpt.rng_state(self.generator),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        try:
+            for name, learner in self.exp.learners.items():
+                learner.load_state_dict(state["learners"][name])
+                self.optimizers[name].load_state_dict(state["optimizers"][name])
+            ckpt.restore_rng_state(state["rng"], self.generator)
+            self.iteration = int(state["iteration"])
+            self.best = state["best"]
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(
+                f"the checkpoint does not match this run's configuration ({exc})"
+            ) from None
+
+    def resume(self) -> bool:
+        latest = self.checkpoints.latest()
+        if latest is None:
+            return False
+        self.load_state(ckpt.load(latest))
+        return True
+
+    # -- loop ---------------------------------------------------------------------------------
+    def validate(self) -> float:
+        cfg = self.exp.config
+        gen = torch.Generator().manual_seed(cfg.seed + VAL_SEED_OFFSET)
+        curves = per_step_metrics(self.exp.learners["maml"], self.exp.tasks_for("val", cfg.shots),
+                                  cfg.val_tasks, cfg.inner_steps, self.exp.metric, gen)
+        return mean_ci95(curves[:, -1])[0]
+
+    def _is_better(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value < self.best if self.exp.metric == "mse" else value > self.best
+
+    def train(self, progress: bool = True) -> None:
+        cfg = self.exp.config
+        metrics_path = self.run_dir / "metrics.jsonl"
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not progress,
+                   dynamic_ncols=True, desc=f"{cfg.task}/{cfg.algo}")
+        started = time.perf_counter()
+        with _stop_on_signals(self), bar, metrics_path.open("a") as log:
+            while self.iteration < cfg.iterations:
+                batch = self.exp.train_tasks.sample(cfg.meta_batch, self.generator)
+                losses = {}
+                for name, learner in self.exp.learners.items():
+                    opt = self.optimizers[name]
+                    opt.zero_grad(set_to_none=True)
+                    losses[name] = learner.meta_gradient(batch).item()
+                    if not math.isfinite(losses[name]):
+                        raise TrainingDivergedError(
+                            f"the {name} loss became {losses[name]} at iteration "
+                            f"{self.iteration + 1}; the last good checkpoint is kept in "
+                            f"{self.checkpoints.directory}. Lower meta_lr or inner_lr."
+                        )
+                    opt.step()
+                self.iteration += 1
+                bar.update(1)
+                record: dict[str, Any] = {}
+                if self.iteration % cfg.log_every == 0 or self.iteration == cfg.iterations:
+                    record.update({f"loss/{n}": v for n, v in losses.items()})
+                if self.iteration % cfg.val_every == 0 or self.iteration == cfg.iterations:
+                    value = self.validate()
+                    record[f"val/{self.exp.metric}"] = value
+                    best = self._is_better(value)
+                    if best:
+                        self.best = value
+                    self.checkpoints.save(self.state(), self.iteration, best=best)
+                elif self.iteration % cfg.checkpoint_every == 0:
+                    self.checkpoints.save(self.state(), self.iteration)
+                if record:
+                    record = {"iteration": self.iteration,
+                              "seconds": round(time.perf_counter() - started, 3), **record}
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    bar.set_postfix({k.split("/")[-1] if k.startswith("val") else k: round(v, 4)
+                                     for k, v in record.items() if "/" in k})
+                if self._stop_signal is not None:
+                    self.checkpoints.save(self.state(), self.iteration)
+                    bar.write(f"stopped by signal {self._stop_signal} at iteration "
+                              f"{self.iteration}; resume with --resume")
+                    return
+
+
+@contextmanager
+def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
+    """SIGINT/SIGTERM finish the current iteration, write a checkpoint and return cleanly."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        trainer._stop_signal = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False,
+          progress: bool = True) -> Trainer:
+    """Trains (or resumes) the experiment ``cfg`` in ``run_dir``."""
+    run_dir = Path(run_dir)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if resume:
+        if (run_dir / "config.yaml").is_file():
+            cfg = read_config(run_dir)  # the run continues with the settings it started with
+    elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or "
+                          "choose another --out")
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(build(cfg), run_dir)
+    write_config(cfg, run_dir)
+    if resume and not trainer.resume():
+        raise CheckpointError(f"nothing to resume: {run_dir / 'checkpoints'} holds no checkpoint")
+    trainer.train(progress=progress)
+    return trainer
