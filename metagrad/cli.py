@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from metagrad.config import FIELDS, PRESETS, TASKS, load_yaml, resolve
-from metagrad.errors import MetagradError
+from metagrad.config import FIELDS, PRESETS, TASKS, coerce, load_yaml, resolve
+from metagrad.errors import ConfigError, MetagradError
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -62,10 +62,22 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def _train(args: argparse.Namespace) -> None:
     from metagrad.training.loop import train
 
-    cfg = resolve(args.task, args.preset, _settings(args))
-    out = Path(args.out or f"runs/{cfg.task}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
-    print(f"run directory: {out}")
-    trainer = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    settings = _settings(args)
+    if args.resume:
+        if not args.out:
+            raise ConfigError("--resume needs --out RUN_DIR, the run to continue")
+        unused = sorted(set(settings) - {"iterations", "threads"})
+        if unused:
+            raise ConfigError("a resumed run keeps its settings; only --iterations and "
+                              f"--threads may change (remove {', '.join(unused)})")
+        out = Path(args.out)
+        changes = {k: coerce(k, v) for k, v in settings.items()}
+        trainer = train(None, out, resume=True, progress=not args.no_progress, **changes)
+    else:
+        cfg = resolve(args.task, args.preset, settings)
+        out = Path(args.out or f"runs/{cfg.task}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+        print(f"run directory: {out}")
+        trainer = train(cfg, out, progress=not args.no_progress)
     if trainer.iteration < trainer.exp.config.iterations:
         return  # stopped by a signal; the checkpoint is written
     if not args.no_eval:

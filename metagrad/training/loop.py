@@ -7,6 +7,7 @@ per logged iteration), ``checkpoints/`` and, after evaluation, ``eval.json`` and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -168,22 +169,27 @@ def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
             signal.signal(s, h)
 
 
-def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False,
-          progress: bool = True) -> Trainer:
-    """Trains (or resumes) the experiment ``cfg`` in ``run_dir``."""
+def train(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = False,
+          progress: bool = True, iterations: int | None = None,
+          threads: int | None = None) -> Trainer:
+    """Trains the experiment ``cfg`` in ``run_dir``; or, with ``resume``, continues the run saved
+    there with the settings it started with (``iterations`` may extend it, ``threads`` change)."""
     run_dir = Path(run_dir)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    checkpoints = run_dir / "checkpoints"
     if resume:
-        if (run_dir / "config.yaml").is_file():
-            cfg = read_config(run_dir)  # the run continues with the settings it started with
-    elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        cfg = read_config(run_dir)
+        changes = {k: v for k, v in (("iterations", iterations), ("threads", threads)) if v}
+        cfg = dataclasses.replace(cfg, **changes).validate()
+    elif checkpoints.is_dir() and any(checkpoints.iterdir()):
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or "
                           "choose another --out")
+    assert cfg is not None
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     trainer = Trainer(build(cfg), run_dir)
     write_config(cfg, run_dir)
     if resume and not trainer.resume():
-        raise CheckpointError(f"nothing to resume: {run_dir / 'checkpoints'} holds no checkpoint")
+        raise CheckpointError(f"nothing to resume: {checkpoints} holds no checkpoint")
     trainer.train(progress=progress)
     return trainer

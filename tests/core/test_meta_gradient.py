@@ -115,7 +115,7 @@ def test_learned_inner_rates_match_finite_differences():
 def test_adapting_a_subset_leaves_the_rest_and_matches_reference():
     model = small_mlp()
     maml = MAML(model, F.mse_loss, inner_lr=0.05, inner_steps=2, adapt="4")
-    sx, sy, qx, qy = regression_tasks(tasks=1)
+    sx, sy, _, _ = regression_tasks(tasks=1)
     adapted = maml.adapt(sx[0], sy[0])
     for name, p in model.named_parameters():
         same = torch.equal(adapted[name], p)

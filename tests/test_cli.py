@@ -1,0 +1,85 @@
+"""The command line: clear one-line errors with exit status 2, and a clean stop on SIGINT."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from metagrad.cli import main
+from metagrad.training import checkpoint as ckpt
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "sinusoid", "--inner-lrr", "0.1"], "unrecognized arguments"),
+    (["train", "sinusoid", "--inner-lr", "-1"], "inner_lr must be a positive number"),
+    (["train", "sinusoid", "--inner-steps", "0"], "inner_steps must be a positive integer"),
+    (["train", "sinusoid", "--meta-batch", "abc"], "cannot read 'abc'"),
+    (["train", "sinusoid", "--preset", "papr"], "Did you mean 'paper'"),
+    (["train", "sinusoid", "--batching", "vmapp"], "Did you mean 'vmap'"),
+    (["train", "sinusoid", "--config", "missing.yaml"], "does not exist"),
+    (["train", "sinusoid", "--resume"], "--resume needs --out"),
+    (["eval", "no/such/run"], "not a run directory"),
+])
+def test_bad_input_gets_a_clear_message_and_exit_code(argv, message, capsys, tmp_path,
+                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_misspelt_config_key_suggests_the_right_one(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("inner_stpes: 3\n")
+    assert main(["train", "sinusoid", "--config", str(cfg), "--out", str(tmp_path / "r")]) == 2
+    assert "Did you mean 'inner_steps'" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_is_refused_by_eval(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "sinusoid", "--iterations", "5", "--no-eval", "--no-progress",
+                 "--out", str(run)]) == 0
+    latest = ckpt.CheckpointDir(run / "checkpoints").latest()
+    latest.write_bytes(latest.read_bytes()[:100])
+    assert main(["eval", str(run)]) == 2
+    assert "not a metagrad checkpoint" in capsys.readouterr().err
+
+
+def test_sigint_writes_a_checkpoint_and_the_run_resumes(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    cmd = [sys.executable, "-m", "metagrad.cli", "train", "sinusoid", "--iterations", "1000000",
+           "--no-progress", "--threads", "1", "--out", str(run)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (metrics.is_file() and metrics.stat().st_size > 0):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped by signal" in out + err
+    latest = ckpt.CheckpointDir(run / "checkpoints").latest()
+    stopped_at = ckpt.load(latest)["iteration"]
+    assert stopped_at >= 50  # metrics were written at iteration 50
+    resumed = subprocess.run(cmd[:-2] + ["--out", str(run), "--resume", "--iterations",
+                                         str(stopped_at + 3), "--no-eval"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    state = ckpt.load(ckpt.CheckpointDir(run / "checkpoints").latest())
+    assert state["iteration"] == stopped_at + 3
+    assert isinstance(state["learners"]["maml"]["model.head.weight"], torch.Tensor)
+
+
+def test_package_has_a_console_script():
+    assert (Path(sys.executable).parent / "metagrad").exists()
