@@ -142,10 +142,21 @@ class MAML(nn.Module):
     def task_query_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                         query_y: Tensor, steps: int | None = None,
                         buffers: dict[str, Tensor] | None = None) -> Tensor:
-        """L_query(θ') for one task."""
+        """L_query(θ'_K) for one task; with :meth:`step_weights`, Σₖ wₖ L_query(θ'ₖ), k = 1..K."""
         buffers = self.functional.buffers() if buffers is None else buffers
-        adapted = self.adapt(support_x, support_y, steps, buffers=buffers)
-        return self.loss(adapted, query_x, query_y, buffers)
+        steps = self.inner_steps if steps is None else steps
+        weights = self.step_weights(steps)
+        if weights is None:
+            adapted = self.adapt(support_x, support_y, steps, buffers=buffers)
+            return self.loss(adapted, query_x, query_y, buffers)
+        path = self.adapt(support_x, support_y, steps, buffers=buffers, trajectory=True)
+        return sum(w * self.loss(p, query_x, query_y, buffers)
+                   for w, p in zip(weights, path[1:], strict=True))
+
+    def step_weights(self, steps: int) -> list[float] | None:
+        """Weights of the query loss after each inner step (MAML++'s multi-step loss);
+        ``None``: the loss after the last step only (MAML)."""
+        return None
 
     def meta_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
                   steps: int | None = None) -> Tensor:

@@ -13,13 +13,14 @@ automatic choice batches only models built from layers whose second-order vmap r
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
 Batching = Literal["auto", "vmap", "loop"]
+T = TypeVar("T", Tensor, dict[str, Tensor])
 
 _ELEMENTWISE = (
     nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus,
@@ -34,7 +35,7 @@ _VERIFIED_FIRST_ORDER_ONLY = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.I
 
 def _module_is_verified(module: nn.Module, first_order: bool) -> bool:
     allowed = _VERIFIED_SECOND_ORDER + (_VERIFIED_FIRST_ORDER_ONLY if first_order else ())
-    if type(module) in allowed:
+    if type(module) in allowed or getattr(module, "vmap_exact_forward", False):
         return True
     # A container whose forward is nn.Sequential's (subclasses included) only chains its children.
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
@@ -42,13 +43,17 @@ def _module_is_verified(module: nn.Module, first_order: bool) -> bool:
 
 def vmap_is_exact(model: nn.Module, first_order: bool) -> bool:
     """True when every submodule of ``model`` is a layer whose vmap rule is verified for this
-    derivative order (custom modules with their own ``forward`` are not: they may call anything)."""
+    derivative order. Custom modules with their own ``forward`` are not (they may call anything),
+    unless their class sets ``vmap_exact_forward = True``: a promise that their own forward code
+    uses only ops that batch exactly (elementwise, reshaping, reductions, matmul); their
+    submodules are still checked one by one."""
     return all(_module_is_verified(m, first_order) for m in model.modules())
 
 
-def per_task(task_fn: Callable[..., Tensor], tasks: tuple[Tensor, ...], batching: Batching,
-             model: nn.Module, first_order: bool) -> Tensor:
-    """``stack([task_fn(*task_i) for task i])`` computed by vmap or by a loop (see module doc)."""
+def per_task(task_fn: Callable[..., T], tasks: tuple[Tensor, ...], batching: Batching,
+             model: nn.Module, first_order: bool) -> T:
+    """``stack([task_fn(*task_i) for task i])`` computed by vmap or by a loop (see module doc);
+    ``task_fn`` returns a tensor or a dict of tensors (stacked per key)."""
     use_vmap = batching == "vmap" or (batching == "auto" and vmap_is_exact(model, first_order))
     if use_vmap:
         try:
@@ -56,4 +61,7 @@ def per_task(task_fn: Callable[..., Tensor], tasks: tuple[Tensor, ...], batching
         except RuntimeError:
             if batching == "vmap":
                 raise
-    return torch.stack([task_fn(*task) for task in zip(*tasks, strict=True)])
+    outputs = [task_fn(*task) for task in zip(*tasks, strict=True)]
+    if isinstance(outputs[0], dict):
+        return {k: torch.stack([o[k] for o in outputs]) for k in outputs[0]}  # type: ignore[return-value]
+    return torch.stack(outputs)  # type: ignore[arg-type]

@@ -1,0 +1,71 @@
+"""MAML++ (Antoniou, Edwards & Storkey 2019, "How to train your MAML"), each part switchable:
+
+* multi-step loss (MSL, §4): the meta-loss is Σₖ wₖ L_query(θ'ₖ) over all K inner steps; the
+  weights start uniform and are annealed toward the last step over ``msl_epochs`` epochs
+  (non-final weights decay linearly to 0.03/K), after which only the last step counts;
+* derivative-order annealing (DA): first order for the first ``first_order_epochs`` epochs,
+  second order afterwards;
+* learned per-layer per-step inner rates (LSLR): one α per parameter tensor and inner step;
+* cosine annealing of the meta learning rate: a trainer setting (``meta_lr_schedule``).
+
+An epoch is ``iterations_per_epoch`` meta-iterations (500 in the paper). The iteration count is a
+buffer, so a resumed run continues the schedules where it stopped. With every switch off this is
+MAML exactly. (Per-step BatchNorm weights and statistics, BNWB/BNRS, are not implemented.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metagrad.algorithms.maml import MAML, LossFn
+from metagrad.core.rates import InnerLearningRates
+from metagrad.tasks.base import TaskBatch
+
+
+def multi_step_weights(steps: int, epoch: int, msl_epochs: int) -> list[float]:
+    """Importance of the query loss after each of ``steps`` inner steps at ``epoch``."""
+    if steps == 1:
+        return [1.0]
+    floor = 0.03 / steps
+    decay = epoch / (steps * msl_epochs)
+    early = [max(1.0 / steps - decay, floor)] * (steps - 1)
+    last = min(1.0 / steps + decay * (steps - 1), 1.0 - floor * (steps - 1))
+    return [*early, last]
+
+
+class MAMLpp(MAML):
+    def __init__(self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.1,
+                 inner_steps: int = 5, *, multi_step_loss: bool = True, msl_epochs: int = 10,
+                 first_order_epochs: int = 0, learn_step_lrs: bool = True,
+                 iterations_per_epoch: int = 500, **kwargs: Any) -> None:
+        kwargs.pop("learn_inner_lr", None)
+        super().__init__(model, loss_fn, inner_lr, inner_steps, **kwargs)
+        if learn_step_lrs:
+            self.inner_rates = InnerLearningRates(self.params(), self.adapted_names, inner_lr,
+                                                  per_element=False, per_step=True,
+                                                  steps=inner_steps)
+        self.multi_step_loss = multi_step_loss
+        self.msl_epochs = msl_epochs
+        self.first_order_epochs = first_order_epochs
+        self.iterations_per_epoch = iterations_per_epoch
+        self.second_order_after_annealing = not self.first_order
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+
+    @property
+    def epoch(self) -> int:
+        return int(self.iteration) // self.iterations_per_epoch
+
+    def step_weights(self, steps: int) -> list[float] | None:
+        if not (self.multi_step_loss and self.training and self.epoch < self.msl_epochs):
+            return None
+        return multi_step_weights(steps, self.epoch, self.msl_epochs)
+
+    def meta_gradient(self, batch: TaskBatch) -> Tensor:
+        self.first_order = (not self.second_order_after_annealing
+                            or self.epoch < self.first_order_epochs)
+        loss = super().meta_gradient(batch)
+        self.iteration += 1
+        return loss
