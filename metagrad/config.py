@@ -18,7 +18,8 @@ import yaml
 from metagrad.errors import ConfigError
 
 TASKS = ("sinusoid", "omniglot", "miniimagenet")
-ALGORITHMS = ("maml",)
+ALGORITHMS = ("maml", "metasgd", "mamlpp", "anil", "reptile", "imaml", "cavia")
+MODELS = ("auto", "conv", "mlp")
 
 
 @dataclass
@@ -34,6 +35,7 @@ class ExperimentConfig:
     data: str | None = None
     split: str = "paper"
     rotations: bool = True
+    model: str = "auto"
     # inner loop
     inner_lr: float = 0.01
     inner_steps: int = 1
@@ -41,9 +43,21 @@ class ExperimentConfig:
     learn_inner_lr: bool = False
     transductive: bool = True
     batching: str = "auto"
+    # algorithm-specific (used by the algorithm named in the key)
+    mamlpp_multi_step_loss: bool = True
+    mamlpp_msl_epochs: int = 10
+    mamlpp_first_order_epochs: int = 0
+    mamlpp_step_lrs: bool = True
+    iterations_per_epoch: int = 500
+    imaml_lambda: float = 1.0
+    imaml_cg_iterations: int = 5
+    cavia_context_dim: int = 5
     # outer loop
     meta_batch: int = 25
     meta_lr: float = 1e-3
+    meta_optimizer: str = "adam"
+    meta_lr_schedule: str = "constant"
+    min_meta_lr: float = 1e-5
     iterations: int = 70000
     # the "pretrained on all tasks, then fine-tuned" baseline (trained beside MAML)
     baseline: bool = True
@@ -84,6 +98,18 @@ class ExperimentConfig:
             raise ConfigError(f"eval_shots must list positive integers, got {self.eval_shots}")
         if self.batching not in ("auto", "vmap", "loop"):
             raise ConfigError(_unknown("batching", self.batching, ("auto", "vmap", "loop")))
+        if self.meta_optimizer not in ("adam", "sgd"):
+            raise ConfigError(_unknown("meta_optimizer", self.meta_optimizer, ("adam", "sgd")))
+        if self.meta_lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(_unknown("meta_lr_schedule", self.meta_lr_schedule,
+                                       ("constant", "cosine")))
+        if self.model not in MODELS:
+            raise ConfigError(_unknown("model", self.model, MODELS))
+        if self.algo == "cavia" and self.task != "sinusoid":
+            raise ConfigError("cavia concatenates its context to flat inputs and is available "
+                              "for sinusoid regression; image tasks would need FiLM layers")
+        if self.algo == "imaml" and self.learn_inner_lr:
+            raise ConfigError("imaml uses a fixed inner rate: remove learn_inner_lr")
         if self.task == "omniglot" and self.split not in ("paper", "background"):
             raise ConfigError(_unknown("split", self.split, ("paper", "background")))
         if self.ways < 2 and self.task != "sinusoid":
@@ -98,6 +124,25 @@ FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
 
 # Settings of the MAML paper (Finn et al. 2017, §5.1 and appendix A.1), per task.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "omniglot": {
+        # 5-way; 20-way presets are selected by --ways 20 (see resolve())
+        "paper": dict(ways=5, shots=1, queries=1, inner_lr=0.4, inner_steps=1, meta_batch=32,
+                      meta_lr=1e-3, iterations=60000, eval_steps=3, eval_queries=15,
+                      baseline=False, val_every=500, val_tasks=200, checkpoint_every=250),
+        "paper-20way": dict(ways=20, shots=1, queries=1, inner_lr=0.1, inner_steps=5,
+                            meta_batch=16, meta_lr=1e-3, iterations=60000, eval_steps=5,
+                            eval_queries=15, baseline=False, val_every=500, val_tasks=200,
+                            checkpoint_every=250),
+    },
+    "miniimagenet": {
+        "paper": dict(ways=5, shots=1, queries=15, inner_lr=0.01, inner_steps=5, meta_batch=4,
+                      meta_lr=1e-3, iterations=60000, eval_steps=10, eval_queries=15,
+                      baseline=False, val_every=500, val_tasks=200, checkpoint_every=250),
+        "paper-5shot": dict(ways=5, shots=5, queries=15, inner_lr=0.01, inner_steps=5,
+                            meta_batch=2, meta_lr=1e-3, iterations=60000, eval_steps=10,
+                            eval_queries=15, baseline=False, val_every=500, val_tasks=200,
+                            checkpoint_every=250),
+    },
     "sinusoid": {
         "paper": dict(shots=10, queries=10, inner_lr=0.01, inner_steps=1, meta_batch=25,
                       meta_lr=1e-3, iterations=70000, eval_steps=10, eval_shots=[5, 10],
@@ -171,10 +216,17 @@ def resolve(task: str, preset: str | None = None, overrides: dict[str, Any] | No
         raise ConfigError(_unknown("task", task, TASKS))
     overrides = {k: coerce(k, v) for k, v in (overrides or {}).items()}
     presets = PRESETS.get(task, {})
-    preset = preset or "paper"
+    if preset is None:  # the paper's settings for the ways/shots asked for
+        preset = "paper"
+        if task == "omniglot" and overrides.get("ways", 5) >= 20:
+            preset = "paper-20way"
+        elif task == "miniimagenet" and overrides.get("shots", 1) >= 5:
+            preset = "paper-5shot"
     if presets and preset not in presets:
         raise ConfigError(_unknown(f"preset for {task}", preset, list(presets)))
     values: dict[str, Any] = {"task": task, **presets.get(preset, {}), **overrides}
+    if task == "omniglot" and "queries" not in overrides:
+        values["queries"] = values.get("shots", 1)  # the paper's code: K query images per class
     return ExperimentConfig(**values).validate()
 
 

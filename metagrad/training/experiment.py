@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch.nn.functional as F
 from torch import nn
 
+from metagrad.algorithms.anil import ANIL
 from metagrad.algorithms.baselines import Pretrained
+from metagrad.algorithms.cavia import CAVIA
+from metagrad.algorithms.imaml import IMAML
 from metagrad.algorithms.maml import MAML
+from metagrad.algorithms.mamlpp import MAMLpp
+from metagrad.algorithms.metasgd import MetaSGD
+from metagrad.algorithms.reptile import Reptile
 from metagrad.config import ExperimentConfig
-from metagrad.models.mlp import sinusoid_mlp
+from metagrad.models.conv import miniimagenet_conv, omniglot_conv
+from metagrad.models.mlp import MLP, omniglot_mlp, sinusoid_mlp
 from metagrad.tasks.base import TaskSampler
 from metagrad.tasks.sinusoid import SinusoidTasks
 
@@ -21,24 +30,86 @@ from metagrad.tasks.sinusoid import SinusoidTasks
 class Experiment:
     config: ExperimentConfig
     learners: dict[str, MAML]
-    """``"maml"`` and, when configured, the ``"pretrained"`` baseline."""
+    """The configured algorithm under its name (``config.algo``) and, when configured, the
+    ``"pretrained"`` baseline."""
     train_tasks: TaskSampler
     tasks_for: Callable[[str, int], TaskSampler]
     """``tasks_for(split, shots)``: tasks of ``"val"`` or ``"test"`` with that many shots."""
     metric: str
     make_model: Callable[[], nn.Module]
     ways: int | None = None
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    """JSON-able records the trainer saves in the run directory (e.g. the data split)."""
+
+    @property
+    def learner(self) -> MAML:
+        """The meta-learner being trained (``config.algo``)."""
+        return self.learners[self.config.algo]
 
     def scratch_learner(self) -> MAML:
-        """A freshly initialised model, fine-tuned like the others: the 'from scratch' row."""
-        return self._learner(MAML, self.make_model())
+        """A freshly initialised model, fine-tuned like MAML adapts: the 'from scratch' row."""
+        return make_learner(self.config, MAML, self.make_model(), self.metric)
 
-    def _learner(self, cls: type[MAML], model: nn.Module) -> MAML:
-        cfg = self.config
-        return cls(model, F.mse_loss if self.metric == "mse" else F.cross_entropy,
-                   inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps,
-                   first_order=cfg.first_order, learn_inner_lr=cfg.learn_inner_lr,
-                   transductive=cfg.transductive, batching=cfg.batching)  # type: ignore[arg-type]
+
+def make_learner(cfg: ExperimentConfig, cls: type[MAML], model: nn.Module, metric: str) -> MAML:
+    common: dict[str, Any] = dict(
+        inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, first_order=cfg.first_order,
+        transductive=cfg.transductive, batching=cfg.batching)
+    if cls in (MAML, Pretrained, Reptile, ANIL):
+        common["learn_inner_lr"] = cfg.learn_inner_lr
+    if cls is MAMLpp:
+        common.update(multi_step_loss=cfg.mamlpp_multi_step_loss, msl_epochs=cfg.mamlpp_msl_epochs,
+                      first_order_epochs=cfg.mamlpp_first_order_epochs,
+                      learn_step_lrs=cfg.mamlpp_step_lrs,
+                      iterations_per_epoch=cfg.iterations_per_epoch)
+    elif cls is IMAML:
+        common.update(lam=cfg.imaml_lambda, cg_iterations=cfg.imaml_cg_iterations)
+    elif cls is CAVIA:
+        common.update(context_dim=cfg.cavia_context_dim)
+    loss = F.mse_loss if metric == "mse" else F.cross_entropy
+    return cls(model, loss, **common)
+
+
+ALGORITHM_CLASSES: dict[str, type[MAML]] = {
+    "maml": MAML, "metasgd": MetaSGD, "mamlpp": MAMLpp, "anil": ANIL, "reptile": Reptile,
+    "imaml": IMAML, "cavia": CAVIA,
+}
+
+
+def _image_experiment(cfg: ExperimentConfig) -> Experiment:
+    queries = cfg.eval_queries or cfg.queries
+    if cfg.task == "omniglot":
+        from metagrad.tasks.omniglot import OmniglotEpisodes, OmniglotSplits, load_omniglot
+
+        data = load_omniglot(cfg.data)
+        splits = OmniglotSplits.create(cfg.split, seed=cfg.seed)
+
+        def sampler(split: str, shots: int, queries: int) -> TaskSampler:
+            return OmniglotEpisodes(data, split, cfg.ways, shots, queries, cfg.rotations,
+                                    splits)
+
+        artifacts = {"split.json": splits.to_dict()}
+        if cfg.model == "mlp":
+            def make_model() -> nn.Module:
+                return omniglot_mlp(cfg.ways)
+        else:
+            def make_model() -> nn.Module:
+                return omniglot_conv(cfg.ways)
+    else:
+        from metagrad.tasks.miniimagenet import MiniImageNetEpisodes, load_miniimagenet
+
+        def sampler(split: str, shots: int, queries: int) -> TaskSampler:
+            return MiniImageNetEpisodes(load_miniimagenet(split, cfg.data), cfg.ways, shots,
+                                        queries)
+
+        artifacts = {}
+
+        def make_model() -> nn.Module:
+            return miniimagenet_conv(cfg.ways)
+
+    cached = functools.lru_cache(maxsize=None)(lambda split, shots: sampler(split, shots, queries))
+    return Experiment(cfg, {}, sampler("train", cfg.shots, cfg.queries), cached, "accuracy",
+                      make_model, cfg.ways, artifacts)
 
 
 def build(cfg: ExperimentConfig) -> Experiment:
@@ -48,10 +119,14 @@ def build(cfg: ExperimentConfig) -> Experiment:
             lambda split, shots: SinusoidTasks(shots, cfg.eval_queries or cfg.queries),
             "mse", sinusoid_mlp,
         )
-    else:  # validated by ExperimentConfig
-        raise NotImplementedError(cfg.task)
+    else:
+        exp = _image_experiment(cfg)
     model = exp.make_model()
-    exp.learners["maml"] = exp._learner(MAML, model)
+    # CAVIA's network also reads the context vector (sinusoid only, see config validation)
+    learner_model = MLP([1 + cfg.cavia_context_dim, 40, 40, 1]) if cfg.algo == "cavia" else model
+    exp.learners[cfg.algo] = make_learner(cfg, ALGORITHM_CLASSES[cfg.algo], learner_model,
+                                          exp.metric)
     if cfg.baseline:
-        exp.learners["pretrained"] = exp._learner(Pretrained, copy.deepcopy(model))
+        exp.learners["pretrained"] = make_learner(cfg, Pretrained, copy.deepcopy(model),
+                                                  exp.metric)
     return exp

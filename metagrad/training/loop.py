@@ -51,9 +51,13 @@ class Trainer:
         cfg = exp.config
         self.exp = exp
         self.run_dir = run_dir
-        self.optimizers = {
-            name: torch.optim.Adam(learner.parameters(), lr=cfg.meta_lr)
-            for name, learner in exp.learners.items()
+        optimizer = torch.optim.Adam if cfg.meta_optimizer == "adam" else torch.optim.SGD
+        self.optimizers = {name: optimizer(learner.parameters(), lr=cfg.meta_lr)
+                           for name, learner in exp.learners.items()}
+        # MAML++'s cosine annealing of the meta learning rate (Antoniou et al. 2019, §4)
+        self.schedulers = {
+            name: torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations, cfg.min_meta_lr)
+            for name, opt in self.optimizers.items() if cfg.meta_lr_schedule == "cosine"
         }
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.iteration = 0
@@ -69,6 +73,7 @@ class Trainer:
             "config": self.exp.config.to_dict(),
             "learners": {n: learner.state_dict() for n, learner in self.exp.learners.items()},
             "optimizers": {n: opt.state_dict() for n, opt in self.optimizers.items()},
+            "schedulers": {n: sched.state_dict() for n, sched in self.schedulers.items()},
             "rng": ckpt.rng_state(self.generator),
         }
 
@@ -77,6 +82,8 @@ class Trainer:
             for name, learner in self.exp.learners.items():
                 learner.load_state_dict(state["learners"][name])
                 self.optimizers[name].load_state_dict(state["optimizers"][name])
+                if name in self.schedulers:
+                    self.schedulers[name].load_state_dict(state["schedulers"][name])
             ckpt.restore_rng_state(state["rng"], self.generator)
             self.iteration = int(state["iteration"])
             self.best = state["best"]
@@ -96,7 +103,7 @@ class Trainer:
     def validate(self) -> float:
         cfg = self.exp.config
         gen = torch.Generator().manual_seed(cfg.seed + VAL_SEED_OFFSET)
-        curves = per_step_metrics(self.exp.learners["maml"], self.exp.tasks_for("val", cfg.shots),
+        curves = per_step_metrics(self.exp.learner, self.exp.tasks_for("val", cfg.shots),
                                   cfg.val_tasks, cfg.inner_steps, self.exp.metric, gen)
         return mean_ci95(curves[:, -1])[0]
 
@@ -126,6 +133,8 @@ class Trainer:
                             f"{self.checkpoints.directory}. Lower meta_lr or inner_lr."
                         )
                     opt.step()
+                    if name in self.schedulers:
+                        self.schedulers[name].step()
                 self.iteration += 1
                 bar.update(1)
                 record: dict[str, Any] = {}
@@ -189,6 +198,8 @@ def train(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = Fals
     torch.manual_seed(cfg.seed)
     trainer = Trainer(build(cfg), run_dir)
     write_config(cfg, run_dir)
+    for name, record in trainer.exp.artifacts.items():
+        (run_dir / name).write_text(json.dumps(record))
     if resume and not trainer.resume():
         raise CheckpointError(f"nothing to resume: {checkpoints} holds no checkpoint")
     trainer.train(progress=progress)

@@ -49,7 +49,7 @@ def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | Non
          "results": [r.to_dict() for r in rows]}, indent=1))
     figures = [plot_metric_vs_steps(rows, exp.metric, run_dir / f"{exp.metric}_vs_steps.png")]
     if cfg.task == "sinusoid":
-        shown = {n: exp.learners[n] for n in ("maml", "pretrained") if n in exp.learners}
+        shown = {n: exp.learners[n] for n in (cfg.algo, "pretrained") if n in exp.learners}
         for k in shots:
             gen = torch.Generator().manual_seed(cfg.seed + TEST_SEED_OFFSET)
             figures.append(plot_sinusoid_predictions(
