@@ -78,8 +78,8 @@ def _train(args: argparse.Namespace) -> None:
         out = Path(args.out or f"runs/{cfg.task}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
         print(f"run directory: {out}")
         trainer = train(cfg, out, progress=not args.no_progress)
-    if trainer.iteration < trainer.exp.config.iterations:
-        return  # stopped by a signal; the checkpoint is written
+    if trainer.stopped or not trainer.dist.is_main:
+        return  # a signal stopped the run (checkpoint written), or another rank evaluates
     if not args.no_eval:
         _print_eval(out)
 

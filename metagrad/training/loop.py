@@ -22,6 +22,7 @@ import yaml
 from tqdm import tqdm
 
 from metagrad.config import ExperimentConfig, from_dict
+from metagrad.distributed import Distributed
 from metagrad.errors import CheckpointError, ConfigError, TrainingDivergedError
 from metagrad.training import checkpoint as ckpt
 from metagrad.training.evaluation import mean_ci95, per_step_metrics
@@ -64,6 +65,8 @@ class Trainer:
         self.best: float | None = None
         self.checkpoints = ckpt.CheckpointDir(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
         self._stop_signal: int | None = None
+        self.stopped = False
+        self.dist = Distributed.from_environment()
 
     # -- state --------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -114,53 +117,69 @@ class Trainer:
 
     def train(self, progress: bool = True) -> None:
         cfg = self.exp.config
-        metrics_path = self.run_dir / "metrics.jsonl"
-        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not progress,
+        main = self.dist.is_main
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not (progress and main),
                    dynamic_ncols=True, desc=f"{cfg.task}/{cfg.algo}")
         started = time.perf_counter()
-        with _stop_on_signals(self), bar, metrics_path.open("a") as log:
+        log = (self.run_dir / "metrics.jsonl").open("a") if main else None
+        with _stop_on_signals(self), bar:
             while self.iteration < cfg.iterations:
                 batch = self.exp.train_tasks.sample(cfg.meta_batch, self.generator)
-                losses = {}
-                for name, learner in self.exp.learners.items():
-                    opt = self.optimizers[name]
+                mine = self.dist.shard(batch)
+                for opt in self.optimizers.values():
                     opt.zero_grad(set_to_none=True)
-                    losses[name] = learner.meta_gradient(batch).item()
-                    if not math.isfinite(losses[name]):
+                local = [learner.meta_gradient(mine) for learner in self.exp.learners.values()]
+                # one all-reduce: gradients, losses, and whether any rank was asked to stop
+                reduced = self.dist.all_reduce(
+                    self.exp.learners.values(), self.dist.share(batch),
+                    torch.stack([*local, torch.tensor(float(self._stop_signal is not None))]))
+                losses = dict(zip(self.exp.learners, reduced[:-1].tolist(), strict=True))
+                for name, value in losses.items():
+                    if not math.isfinite(value):
                         raise TrainingDivergedError(
-                            f"the {name} loss became {losses[name]} at iteration "
-                            f"{self.iteration + 1}; the last good checkpoint is kept in "
-                            f"{self.checkpoints.directory}. Lower meta_lr or inner_lr."
-                        )
+                            f"the {name} loss became {value} at iteration {self.iteration + 1}; "
+                            f"the last good checkpoint is kept in {self.checkpoints.directory}. "
+                            "Lower meta_lr or inner_lr.")
+                for name, opt in self.optimizers.items():
                     opt.step()
                     if name in self.schedulers:
                         self.schedulers[name].step()
                 self.iteration += 1
                 bar.update(1)
-                record: dict[str, Any] = {}
-                if self.iteration % cfg.log_every == 0 or self.iteration == cfg.iterations:
-                    record.update({f"loss/{n}": v for n, v in losses.items()})
-                if self.iteration % cfg.val_every == 0 or self.iteration == cfg.iterations:
-                    value = self.validate()
-                    record[f"val/{self.exp.metric}"] = value
-                    best = self._is_better(value)
-                    if best:
-                        self.best = value
-                    self.checkpoints.save(self.state(), self.iteration, best=best)
-                elif self.iteration % cfg.checkpoint_every == 0:
-                    self.checkpoints.save(self.state(), self.iteration)
-                if record:
-                    record = {"iteration": self.iteration,
-                              "seconds": round(time.perf_counter() - started, 3), **record}
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    bar.set_postfix({k.split("/")[-1] if k.startswith("val") else k: round(v, 4)
-                                     for k, v in record.items() if "/" in k})
-                if self._stop_signal is not None:
-                    self.checkpoints.save(self.state(), self.iteration)
-                    bar.write(f"stopped by signal {self._stop_signal} at iteration "
-                              f"{self.iteration}; resume with --resume")
-                    return
+                if main:
+                    self._log_validate_checkpoint(losses, log, bar, started)
+                if reduced[-1] > 0:
+                    if main:
+                        self.checkpoints.save(self.state(), self.iteration)
+                        bar.write(f"stopped by a signal at iteration {self.iteration}; "
+                                  "continue with --resume")
+                    self.stopped = True
+                    break
+        if log is not None:
+            log.close()
+
+    def _log_validate_checkpoint(self, losses: dict[str, float], log: Any, bar: tqdm,
+                                 started: float) -> None:
+        cfg = self.exp.config
+        record: dict[str, Any] = {}
+        last = self.iteration == cfg.iterations
+        if self.iteration % cfg.log_every == 0 or last:
+            record.update({f"loss/{n}": v for n, v in losses.items()})
+        if self.iteration % cfg.val_every == 0 or last:
+            value = self.validate()
+            record[f"val/{self.exp.metric}"] = value
+            best = self._is_better(value)
+            if best:
+                self.best = value
+            self.checkpoints.save(self.state(), self.iteration, best=best)
+        elif self.iteration % cfg.checkpoint_every == 0:
+            self.checkpoints.save(self.state(), self.iteration)
+        if record:
+            record = {"iteration": self.iteration,
+                      "seconds": round(time.perf_counter() - started, 3), **record}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix({k.split("/")[-1]: round(v, 4) for k, v in record.items() if "/" in k})
 
 
 @contextmanager
@@ -197,10 +216,12 @@ def train(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = Fals
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     trainer = Trainer(build(cfg), run_dir)
-    write_config(cfg, run_dir)
-    for name, record in trainer.exp.artifacts.items():
-        (run_dir / name).write_text(json.dumps(record))
+    if trainer.dist.is_main:
+        write_config(cfg, run_dir)
+        for name, record in trainer.exp.artifacts.items():
+            (run_dir / name).write_text(json.dumps(record))
     if resume and not trainer.resume():
         raise CheckpointError(f"nothing to resume: {checkpoints} holds no checkpoint")
     trainer.train(progress=progress)
+    trainer.dist.barrier()
     return trainer

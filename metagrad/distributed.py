@@ -1,0 +1,90 @@
+"""Data-parallel meta-training on ``torch.distributed`` (launched with ``torchrun``).
+
+The meta-batch is embarrassingly parallel over tasks. Every rank draws the *same* full batch
+from the same seeded generator (sampling is cheap) and keeps its contiguous share of the tasks,
+so the union of the ranks' tasks is exactly the batch a single process would draw. Each rank
+accumulates the meta-gradient of its share (a mean over its n_r tasks); one all-reduce of
+Σ_r (n_r/n)·g_r gives every rank the gradient of the mean over all n tasks, and every rank then
+takes the same optimizer step, so parameters stay identical without being broadcast. Rank 0
+alone logs, validates, plots and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from metagrad.errors import ConfigError
+from metagrad.tasks.base import TaskBatch
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls) -> Distributed:
+        """Joins the process group that ``torchrun`` describes in the environment (gloo on CPU,
+        NCCL on GPU); a plain single process otherwise."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def shard(self, batch: TaskBatch) -> TaskBatch:
+        """This rank's contiguous share of the tasks (sizes differ by at most one)."""
+        if self.world_size == 1:
+            return batch
+        n = batch.num_tasks
+        if n < self.world_size:
+            raise ConfigError(f"meta_batch={n} is smaller than the {self.world_size} processes; "
+                              "give every process at least one task")
+        start, stop = (n * self.rank) // self.world_size, (n * (self.rank + 1)) // self.world_size
+        return batch[start:stop]
+
+    def share(self, batch: TaskBatch) -> float:
+        """n_r / n: this rank's weight in the mean over all tasks."""
+        return self.shard(batch).num_tasks / batch.num_tasks
+
+    def all_reduce(self, modules: Iterable[nn.Module], weight: float, extras: Tensor) -> Tensor:
+        """Replaces each gradient by Σ_r weight_r·grad_r (one all-reduce for all of them) and
+        returns Σ_r weight_r·extras_r (e.g. losses) likewise."""
+        if self.world_size == 1:
+            return extras
+        grads = [p.grad for m in modules for p in m.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [extras.reshape(-1).to(
+            grads[0].dtype if grads else extras.dtype)]) * weight
+        dist.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+        return flat[offset:].to(extras.dtype).view_as(extras)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any (so that all ranks stop together)."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
