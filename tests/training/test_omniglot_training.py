@@ -20,9 +20,10 @@ needs_data = pytest.mark.skipif(
 
 @needs_data
 def test_five_way_one_shot_learns_from_chance_to_80_percent(tmp_path):
+    """~40 s on 2 quiet cores (measured 85% test accuracy after 3 steps)."""
     cfg = resolve("omniglot", None, dict(
-        data=DATA, ways=5, shots=1, first_order=True, meta_batch=8, iterations=150,
-        val_every=1000, val_tasks=50, eval_tasks=100, threads=2))
+        data=DATA, ways=5, shots=1, queries=5, first_order=True, meta_batch=8, iterations=300,
+        meta_lr=3e-3, val_every=1000, val_tasks=50, eval_tasks=100, threads=2))
     train(cfg, tmp_path / "run", progress=False)
     rows, _ = evaluate_run(tmp_path / "run", scratch=False)
     acc = {r.steps: r.mean for r in rows}
