@@ -1,0 +1,172 @@
+"""MuJoCo locomotion tasks of the MAML paper (Finn et al. 2017, §5.3), batched.
+
+The robots are gymnasium's ``HalfCheetah-v5`` / ``Ant-v5`` models (same XML, frame skip 5,
+dt = 0.05, same reset noise: qpos + U(−0.1, 0.1), qvel + 0.1·N(0, 1), the same observations
+without x (and y for the ant); the ant's contact forces are left out). Every step advances all
+tasks × rollouts at once with :func:`mujoco.rollout` (``frame_skip`` physics steps from the
+batch of states, the action held fixed), not through a Python loop over environments.
+
+Rewards (v = forward velocity Δx/dt, a = action clipped to [−1, 1]); the costs follow the MAML
+authors' rllab environments:
+
+* ``HalfCheetahVel``: goal velocity g ~ U[0, 2]; r = −|v − g| − 0.05‖a‖².
+* ``HalfCheetahDir``: direction d = ±1; r = d·v − 0.05‖a‖².
+* ``AntVel``: g ~ U[0, 3]; r = −|v − g| + 1 (the paper's bonus, App. A.2) + 0.05 − 0.005‖a‖².
+* ``AntDir``: d = ±1; r = d·v + 0.05 − 0.005‖a‖².
+
+The rllab ant's contact cost (0.0005·‖clip(cfrc_ext, ±1)‖²) is omitted: the batched rollout does
+not compute external contact forces. Episodes last H = 200 steps; there is no early termination.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.resources
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from metagrad.errors import ConfigError
+
+
+def import_mujoco() -> ModuleType:
+    """``mujoco`` (with ``mujoco.rollout``), or a ConfigError saying how to install it."""
+    try:
+        mujoco = importlib.import_module("mujoco")
+        importlib.import_module("mujoco.rollout")
+    except ImportError as error:
+        raise ConfigError(
+            "the MuJoCo environments need the optional RL dependencies: "
+            "pip install 'metagrad[rl]'  (gymnasium>=1.0 and mujoco>=3.1)"
+        ) from error
+    return mujoco
+
+
+@dataclass(frozen=True)
+class Robot:
+    xml: str
+    """File name among gymnasium's MuJoCo assets."""
+    obs_skip: int
+    """Leading qpos entries left out of the observation (the root's x, or x and y)."""
+    ctrl_cost: float
+    """c in −c‖a‖²."""
+    bonus: float
+    """Constant reward added at every step."""
+    velocity_bonus: float
+    """Further constant reward at every step of the goal-velocity task."""
+    max_goal_velocity: float
+
+
+ROBOTS = {
+    "half_cheetah": Robot("half_cheetah.xml", 1, 0.05, 0.0, 0.0, 2.0),
+    "ant": Robot("ant.xml", 2, 0.005, 0.05, 1.0, 3.0),
+}
+
+
+class Locomotion:
+    """``robot`` ∈ {"half_cheetah", "ant"}, ``task`` ∈ {"vel", "dir"}; see the module doc.
+
+    Args:
+        horizon: episode length H.
+        nthread: MuJoCo rollout threads (0 = the calling thread).
+        frame_skip: physics steps per action.
+    """
+
+    reset_noise = 0.1
+
+    def __init__(self, robot: Literal["half_cheetah", "ant"], task: Literal["vel", "dir"], *,
+                 horizon: int = 200, nthread: int = 0, frame_skip: int = 5) -> None:
+        if robot not in ROBOTS:
+            raise ConfigError(f"robot must be one of {sorted(ROBOTS)}, got {robot!r}")
+        if task not in ("vel", "dir"):
+            raise ConfigError(
+                f"task must be 'vel' (goal velocity) or 'dir' (direction), got {task!r}"
+            )
+        if horizon < 1 or frame_skip < 1 or nthread < 0:
+            raise ConfigError(
+                f"need horizon >= 1, frame_skip >= 1, nthread >= 0; got {horizon}, {frame_skip}, "
+                f"{nthread}"
+            )
+        mujoco = import_mujoco()
+        self._mujoco = mujoco
+        self.robot = ROBOTS[robot]
+        self.task = task
+        self.horizon = horizon
+        self.frame_skip = frame_skip
+        self.bonus = self.robot.bonus + (self.robot.velocity_bonus if task == "vel" else 0.0)
+        assets = importlib.resources.files("gymnasium") / "envs" / "mujoco" / "assets"
+        self.model = mujoco.MjModel.from_xml_path(str(assets / self.robot.xml))
+        self.dt = self.model.opt.timestep * frame_skip
+        self._data = [mujoco.MjData(self.model) for _ in range(max(nthread, 1))]
+        self._rollout = mujoco.rollout.Rollout(nthread=nthread)
+        full = mujoco.mjtState.mjSTATE_FULLPHYSICS
+        self._nstate = mujoco.mj_stateSize(self.model, full)
+        # Layout of a full-physics state: [time, qpos, qvel, act, ...] (mjtState bit order).
+        self._qpos = slice(1, 1 + self.model.nq)
+        self._qvel = slice(self._qpos.stop, self._qpos.stop + self.model.nv)
+        self._initial = np.empty(self._nstate)
+        mujoco.mj_getState(self.model, self._data[0], self._initial, full)
+        self.obs_dim = self.model.nq - self.robot.obs_skip + self.model.nv
+        self.act_dim = self.model.nu
+        low, high = self.model.actuator_ctrlrange.T
+        self._ctrl_low = torch.as_tensor(low, dtype=torch.float32)
+        self._ctrl_high = torch.as_tensor(high, dtype=torch.float32)
+        self.tasks = torch.zeros(0)
+        self._state = np.empty((0, self._nstate))
+        self._shape: tuple[int, int] = (0, 0)
+
+    def sample_tasks(self, n: int, generator: torch.Generator) -> Tensor:
+        """Goal velocities U[0, max] (``vel``) or directions ±1 (``dir``), shape ``[n]``."""
+        if self.task == "vel":
+            return torch.rand(n, generator=generator) * self.robot.max_goal_velocity
+        return torch.randint(0, 2, (n,), generator=generator).float() * 2 - 1
+
+    def reset_task(self, tasks: Tensor) -> None:
+        if tasks.dim() != 1:
+            raise ConfigError(f"locomotion tasks have shape [n], got {tuple(tasks.shape)}")
+        self.tasks = tasks.float()
+
+    def reset(self, rollouts: int, generator: torch.Generator) -> Tensor:
+        n = len(self.tasks) * rollouts
+        nq, nv = self.model.nq, self.model.nv
+        noise_q = (torch.rand(n, nq, generator=generator, dtype=torch.float64) * 2 - 1)
+        noise_v = torch.randn(n, nv, generator=generator, dtype=torch.float64)
+        self._state = np.repeat(self._initial[None], n, axis=0)
+        self._state[:, self._qpos] += self.reset_noise * noise_q.numpy()
+        self._state[:, self._qvel] += self.reset_noise * noise_v.numpy()
+        self._shape = (len(self.tasks), rollouts)
+        return self._observe()
+
+    def _observe(self) -> Tensor:
+        qpos = self._state[:, self._qpos][:, self.robot.obs_skip:]
+        obs = np.concatenate([qpos, self._state[:, self._qvel]], axis=1)
+        return torch.from_numpy(obs).float().view(*self._shape, self.obs_dim)
+
+    def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if actions.shape != (*self._shape, self.act_dim):
+            raise ConfigError(
+                f"actions must have shape {(*self._shape, self.act_dim)} [tasks, rollouts, act], "
+                f"got {tuple(actions.shape)}"
+            )
+        action = torch.maximum(torch.minimum(actions.detach().float(), self._ctrl_high),
+                               self._ctrl_low)
+        control = action.reshape(-1, 1, self.act_dim).double().numpy()
+        x_before = self._state[:, self._qpos.start].copy()
+        states, _ = self._rollout.rollout(self.model, self._data, self._state, control,
+                                          nstep=self.frame_skip)
+        self._state = states[:, -1]
+        velocity = torch.from_numpy((self._state[:, self._qpos.start] - x_before) / self.dt)
+        velocity = velocity.float().view(self._shape)
+        goal = self.tasks[:, None]
+        forward = -(velocity - goal).abs() if self.task == "vel" else goal * velocity
+        reward = forward + self.bonus - self.robot.ctrl_cost * action.square().sum(-1)
+        return self._observe(), reward, torch.zeros(self._shape, dtype=torch.bool)
+
+    def close(self) -> None:
+        """Frees the rollout thread pool."""
+        self._rollout.close()
+

@@ -1,0 +1,134 @@
+"""Trust-region policy optimisation (Schulman et al. 2015, App. C) on parameter dicts: the
+meta-optimiser of MAML-RL (Finn et al. 2017, §5.3).
+
+    minimise  loss(θ)  subject to  KL(θ_old, θ) ≤ δ     (loss = −surrogate advantage)
+
+step direction s = F⁻¹g by conjugate gradient (F = ∇²KL at θ_old, g = ∇loss), scaled to the
+boundary of the trust region, β = √(2δ / sᵀFs), then backtracking (θ − βᵏ·βs) until the loss
+decreases and the KL constraint holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from metagrad.core.functional import Params
+from metagrad.core.solvers import conjugate_gradient
+from metagrad.errors import ConfigError
+
+Objective = Callable[[Params], tuple[Tensor, Tensor]]
+"""params -> (surrogate loss to minimise, mean KL(π_old ‖ π_params))."""
+
+HVPMode = Literal["exact", "finite_difference"]
+
+
+def flatten(tensors: Mapping[str, Tensor]) -> Tensor:
+    """The tensors of a dict (in its order) as one vector."""
+    return torch.cat([t.reshape(-1) for t in tensors.values()])
+
+
+def unflatten(vector: Tensor, like: Mapping[str, Tensor]) -> Params:
+    """Inverse of :func:`flatten`: a dict shaped like ``like``."""
+    total = sum(t.numel() for t in like.values())
+    if total != vector.numel():
+        raise ConfigError(f"vector has {vector.numel()} entries but the parameters have {total}")
+    out, start = {}, 0
+    for name, t in like.items():
+        out[name] = vector[start:start + t.numel()].view_as(t)
+        start += t.numel()
+    return out
+
+
+def hessian_vector_product(fn: Callable[[Params], Tensor], params: Params, *,
+                           mode: HVPMode = "exact", damping: float = 1e-5,
+                           fd_eps: float = 1e-4, value: Tensor | None = None
+                           ) -> Callable[[Tensor], Tensor]:
+    """v ↦ (∇²fn(params) + damping·I) v on flat vectors.
+
+    ``"exact"``: double backward through ``fn`` (and so through any adaptation step inside it);
+    ``value`` may pass ``fn(params)`` if already computed with a graph. ``"finite_difference"``:
+    (∇fn(θ + εv̂) − ∇fn(θ − εv̂)) ‖v‖ / 2ε with v̂ = v/‖v‖ — first derivatives only.
+    """
+    names = list(params)
+    if mode == "exact":
+        value = fn(params) if value is None else value
+        grads = flatten(dict(zip(names, torch.autograd.grad(
+            value, list(params.values()), create_graph=True, materialize_grads=True), strict=True)))
+
+        def exact(v: Tensor) -> Tensor:
+            hv = torch.autograd.grad(grads @ v, list(params.values()), retain_graph=True,
+                                     materialize_grads=True)
+            return torch.cat([h.reshape(-1) for h in hv]).detach() + damping * v
+
+        return exact
+    if mode == "finite_difference":
+        base = flatten({n: p.detach() for n, p in params.items()})
+
+        def gradient_at(x: Tensor) -> Tensor:
+            point = {n: t.requires_grad_() for n, t in unflatten(x.clone(), params).items()}
+            return flatten(dict(zip(names, torch.autograd.grad(fn(point), list(point.values())),
+                                    strict=True)))
+
+        def finite_difference(v: Tensor) -> Tensor:
+            norm = v.norm()
+            if norm == 0:
+                return torch.zeros_like(v)
+            step = fd_eps * v / norm
+            diff = gradient_at(base + step) - gradient_at(base - step)
+            return diff * (norm / (2 * fd_eps)) + damping * v
+
+        return finite_difference
+    raise ConfigError(f"hvp mode must be 'exact' or 'finite_difference', got {mode!r}")
+
+
+@dataclass(frozen=True)
+class TRPOResult:
+    params: Params
+    """The new (detached) parameters; the old ones when no step was accepted."""
+    accepted: bool
+    step_fraction: float
+    """Fraction of the full trust-region step taken (0 when rejected)."""
+    loss_before: float
+    loss_after: float
+    kl: float
+
+
+def line_search(objective: Objective, params: Params, full_step: Tensor, loss_before: float, *,
+                max_kl: float, steps: int = 15, backtrack: float = 0.8) -> TRPOResult:
+    """Tries θ − βᵏ·full_step for k = 0 … steps−1; accepts the first with a lower loss and
+    KL ≤ max_kl."""
+    start = {n: p.detach() for n, p in params.items()}
+    base = flatten(start)
+    for k in range(steps):
+        fraction = backtrack ** k
+        candidate = unflatten(base - fraction * full_step, start)
+        with torch.no_grad():
+            loss, kl = objective(candidate)
+        if float(loss) < loss_before and float(kl) <= max_kl:
+            return TRPOResult(candidate, True, fraction, loss_before, float(loss), float(kl))
+    return TRPOResult(start, False, 0.0, loss_before, loss_before, 0.0)
+
+
+def trpo_step(objective: Objective, params: Params, *, max_kl: float = 0.01,
+              cg_iters: int = 10, cg_damping: float = 1e-5, ls_steps: int = 15,
+              ls_backtrack: float = 0.8, hvp: HVPMode = "exact") -> TRPOResult:
+    """One TRPO update of ``params`` (which must require grad) on ``objective``."""
+    loss, kl = objective(params)
+    grad = flatten(dict(zip(params, torch.autograd.grad(loss, list(params.values()),
+                                                        retain_graph=True), strict=True)))
+    fvp = hessian_vector_product(lambda p: objective(p)[1], params, mode=hvp, damping=cg_damping,
+                                 value=kl if hvp == "exact" else None)
+    direction = conjugate_gradient(fvp, grad, iters=cg_iters)
+    shs = 0.5 * (direction @ fvp(direction))
+    loss_before = float(loss.detach())
+    if not shs > 0:
+        return TRPOResult({n: p.detach() for n, p in params.items()}, False, 0.0, loss_before,
+                          loss_before, 0.0)
+    full_step = direction * torch.sqrt(max_kl / shs)
+    return line_search(objective, params, full_step, loss_before, max_kl=max_kl,
+                       steps=ls_steps, backtrack=ls_backtrack)
