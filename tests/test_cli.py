@@ -83,3 +83,66 @@ def test_sigint_writes_a_checkpoint_and_the_run_resumes(tmp_path):
 
 def test_package_has_a_console_script():
     assert (Path(sys.executable).parent / "metagrad").exists()
+
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "omniglot", "--data", "/no/such/dir"], "Omniglot not found"),
+    (["train", "omniglot", "--ways", "10000", "--data", str(SHARED)], "ways"),
+    (["train", "omniglot", "--shots", "15", "--queries", "10", "--data", str(SHARED)], "20"),
+    (["train", "sinusoid", "--inner-lr", "1e9", "--iterations", "50"], "loss became"),
+    (["train", "sinusoid", "--algo", "imamll"], "Did you mean 'imaml'"),
+    (["train", "omniglot", "--algo", "cavia"], "cavia"),
+])
+def test_data_and_training_mistakes_are_explained(argv, message, capsys, tmp_path):
+    if "--data" in argv and argv[argv.index("--data") + 1] == str(SHARED) and not SHARED.is_dir():
+        pytest.skip(f"Omniglot not found at {SHARED}")
+    code = main([*argv, "--out", str(tmp_path / "run"), "--no-progress", "--no-eval"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and "Traceback" not in err
+
+
+def test_diverged_run_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "sinusoid", "--iterations", "4", "--checkpoint-every", "2",
+                 "--no-eval", "--no-progress", "--out", str(run)]) == 0
+    good = ckpt.CheckpointDir(run / "checkpoints").latest()
+    state = ckpt.load(good)
+    # poison the learned weights so that the loss is NaN on the next iteration
+    state["learners"]["maml"]["model.head.bias"].fill_(float("nan"))
+    ckpt.save(state, good)
+    assert main(["train", "sinusoid", "--out", str(run), "--resume", "--iterations", "8",
+                 "--no-progress"]) == 2
+    assert "loss became nan at iteration 5" in capsys.readouterr().err
+    assert ckpt.CheckpointDir(run / "checkpoints").latest() == good
+
+
+KILL_WHILE_WRITING = """
+import sys, torch
+from metagrad.training import checkpoint as ckpt
+directory = ckpt.CheckpointDir(sys.argv[1], keep=2)
+big = torch.randn(4_000_000, generator=torch.Generator().manual_seed(0))
+i = 0
+while True:
+    i += 1
+    directory.save({"iteration": i, "weights": big + i}, i)
+    print(i, flush=True)
+"""
+
+
+def test_sigkill_while_writing_leaves_a_loadable_checkpoint(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", KILL_WHILE_WRITING, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+    for _ in range(3):  # let it complete a few checkpoints, then kill it mid-write
+        proc.stdout.readline()
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    latest = ckpt.CheckpointDir(tmp_path).latest()
+    state = ckpt.load(latest)
+    big = torch.randn(4_000_000, generator=torch.Generator().manual_seed(0))
+    assert state["iteration"] >= 3
+    assert torch.equal(state["weights"], big + state["iteration"])  # complete and consistent

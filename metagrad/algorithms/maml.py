@@ -10,7 +10,8 @@ rates) with the exact meta-gradient (second order) or its first-order approximat
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -162,8 +163,10 @@ class MAML(nn.Module):
                   steps: int | None = None) -> Tensor:
         """Mean over tasks (leading dimension) of the query loss after adaptation (Eq. 3)."""
         check_task_batch(support_x, support_y, query_x, query_y)
+        if steps is not None and (not isinstance(steps, int) or steps < 0):
+            raise ConfigError(f"steps must be an integer >= 0, got {steps!r}")
         buffers = self.functional.buffers()
-        with double_backward_kernels(not self.first_order):
+        with double_backward_kernels(not self.first_order), _explain_model_errors(support_x):
             losses = per_task(
                 lambda sx, sy, qx, qy: self.task_query_loss(sx, sy, qx, qy, steps, buffers),
                 (support_x, support_y, query_x, query_y),
@@ -186,6 +189,20 @@ class MAML(nn.Module):
     def _store_running_statistics(self, buffers: dict[str, Tensor]) -> None:
         for name, buffer in self.model.named_buffers():
             buffer.copy_(buffers[name])
+
+
+@contextlib.contextmanager
+def _explain_model_errors(support_x: Tensor) -> Iterator[None]:
+    """A shape mismatch between the data and the model is a user error: say so."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "shape" not in str(exc) and "size" not in str(exc):
+            raise
+        raise ConfigError(
+            f"the model or loss could not process this task batch (support_x "
+            f"{tuple(support_x.shape)} = [tasks, examples, *input]): {str(exc).splitlines()[0]}"
+        ) from exc
 
 
 def _check_pair(x: Tensor, y: Tensor, which: str) -> None:
@@ -215,6 +232,9 @@ def check_task_batch(support_x: Tensor, support_y: Tensor, query_x: Tensor,
                 "a task dimension with .unsqueeze(0)"
             )
     counts = {name: t.shape[0] for name, t in tensors.items()}
+    if min(counts.values()) == 0:
+        raise ConfigError("the task batch is empty: " + ", ".join(
+            f"{k} has {v} tasks" for k, v in counts.items()) + "; sample at least one task")
     if len(set(counts.values())) != 1:
         raise ConfigError(
             "mismatched task dimensions: " + ", ".join(f"{k} has {v}" for k, v in counts.items())
@@ -222,6 +242,10 @@ def check_task_batch(support_x: Tensor, support_y: Tensor, query_x: Tensor,
         )
     _check_pair(support_x[0], support_y[0], "support")
     _check_pair(query_x[0], query_y[0], "query")
+    for name in ("support_x", "query_x"):
+        if tensors[name].shape[1] == 0:
+            raise ConfigError(f"{name} has no examples (shape {tuple(tensors[name].shape)}); "
+                              "each task needs at least one support and one query example")
     if support_x.shape[2:] != query_x.shape[2:]:
         raise ConfigError(
             f"support and query examples differ in shape: support_x {tuple(support_x.shape)} vs "
