@@ -1,8 +1,16 @@
 """metagrad: gradient-based meta-learning (MAML and its family) for any ``torch.nn.Module``."""
 
+from metagrad.algorithms.anil import ANIL
+from metagrad.algorithms.baselines import Pretrained
+from metagrad.algorithms.cavia import CAVIA
+from metagrad.algorithms.imaml import IMAML
 from metagrad.algorithms.maml import MAML
+from metagrad.algorithms.mamlpp import MAMLpp
+from metagrad.algorithms.metasgd import MetaSGD
+from metagrad.algorithms.reptile import Reptile
 from metagrad.errors import MetagradError
 from metagrad.tasks.base import TaskBatch
 
-__all__ = ["MAML", "MetagradError", "TaskBatch"]
+__all__ = ["ANIL", "CAVIA", "IMAML", "MAML", "MAMLpp", "MetaSGD", "MetagradError", "Pretrained",
+           "Reptile", "TaskBatch"]
 __version__ = "0.1.0"
