@@ -7,7 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from metagrad import MAML
-from metagrad.core.batching import _VERIFIED_FIRST_ORDER_ONLY, _VERIFIED_SECOND_ORDER, vmap_is_exact
+from metagrad.core.batching import (
+    _VERIFIED_FIRST_ORDER_ONLY,
+    _VERIFIED_SECOND_ORDER,
+    use_vmap,
+    vmap_is_exact,
+)
 
 DT = torch.float64
 
@@ -63,7 +68,12 @@ def test_conv_batchnorm_auto_batching_is_exact(first_order):
             torch.testing.assert_close(a, b)
     # the conv bias feeds BatchNorm, so its true meta-gradient is 0
     assert got[1].abs().max() < 1e-12
-    assert vmap_is_exact(model, first_order) == first_order
+    assert vmap_is_exact(model, first_order)  # BatchNorm as tensor ops under vmap
+    assert not use_vmap("auto", model, first_order)  # but conv nets are faster looped
+    forced = meta_grad(MAML(model, F.cross_entropy, 0.4, first_order=first_order,
+                            batching="vmap"), data)
+    for a, b in zip(forced, ref):
+        torch.testing.assert_close(a, b)
 
 
 def test_mlp_vmap_and_loop_agree():
