@@ -10,12 +10,11 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from timing import environment, interleaved, print_table
 
 from metagrad import MAML
 from metagrad.models.mlp import sinusoid_mlp
 from metagrad.tasks.sinusoid import SinusoidTasks
-
-from timing import environment, interleaved, print_table
 
 
 def meta_iteration(maml: MAML, opt: torch.optim.Optimizer, batch) -> None:
