@@ -43,6 +43,7 @@ class ExperimentConfig:
     learn_inner_lr: bool = False
     transductive: bool = True
     batching: str = "auto"
+    compile: bool = False
     # algorithm-specific (used by the algorithm named in the key)
     mamlpp_multi_step_loss: bool = True
     mamlpp_msl_epochs: int = 10
@@ -108,6 +109,9 @@ class ExperimentConfig:
         if self.algo == "cavia" and self.task != "sinusoid":
             raise ConfigError("cavia concatenates its context to flat inputs and is available "
                               "for sinusoid regression; image tasks would need FiLM layers")
+        if self.compile and self.algo in ("reptile", "imaml", "mamlpp"):
+            raise ConfigError(f"compile is available for maml, metasgd, anil and cavia, not "
+                              f"{self.algo} (its outer step is not one differentiable loss)")
         if self.algo == "imaml" and self.learn_inner_lr:
             raise ConfigError("imaml uses a fixed inner rate: remove learn_inner_lr")
         if self.task == "omniglot" and self.split not in ("paper", "background"):

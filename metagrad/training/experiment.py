@@ -54,7 +54,7 @@ class Experiment:
 def make_learner(cfg: ExperimentConfig, cls: type[MAML], model: nn.Module, metric: str) -> MAML:
     common: dict[str, Any] = dict(
         inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, first_order=cfg.first_order,
-        transductive=cfg.transductive, batching=cfg.batching)
+        transductive=cfg.transductive, batching=cfg.batching, compile=cfg.compile)
     if cls in (MAML, Pretrained, Reptile, ANIL):
         common["learn_inner_lr"] = cfg.learn_inner_lr
     if cls is MAMLpp:
