@@ -13,8 +13,8 @@ from metagrad.training.report import evaluate_run
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "omniglot"
 DATA = os.environ.get("METAGRAD_DATA") or (str(SHARED) if SHARED.is_dir() else None)
 needs_data = pytest.mark.skipif(
-    DATA is None or not (Path(DATA) / "images_background.zip").is_file()
-    and not (Path(DATA) / "omniglot" / "images_background.zip").is_file(),
+    DATA is None or (not (Path(DATA) / "images_background.zip").is_file()
+    and not (Path(DATA) / "omniglot" / "images_background.zip").is_file()),
     reason=f"Omniglot not found (set METAGRAD_DATA or put the zips in {SHARED})")
 
 
