@@ -1,4 +1,5 @@
-"""``metagrad train|eval|presets``: the command-line interface.
+"""``metagrad train|eval|presets``: the command-line interface (``train rl --env NAME`` for
+meta-RL).
 
 Mistakes in what a user typed or configured end with a one-paragraph message and exit status 2
 (``--debug`` shows the traceback); an interrupted run writes a checkpoint and can be resumed.
@@ -9,16 +10,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from metagrad.config import FIELDS, PRESETS, TASKS, coerce, load_yaml, resolve
 from metagrad.errors import ConfigError, MetagradError
+from metagrad.rl.maml_rl import RLConfig
+from metagrad.training.rl import RL_FIELDS, is_rl_run, print_rl_eval, resolve_rl, train_rl
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (override the preset and --config)")
-    for name in FIELDS:
+    for name in dict.fromkeys([*FIELDS, *RL_FIELDS]):
         if name == "task":
             continue
         group.add_argument(f"--{name.replace('_', '-')}", dest=f"set_{name}", metavar="VALUE",
@@ -31,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="meta-train on a task (then evaluate)")
-    train.add_argument("task", choices=TASKS, help="the task family")
+    train.add_argument("task", choices=(*TASKS, "rl"),
+                       help="the task family, or rl (meta-RL on the environment --env)")
     train.add_argument("--preset", default=None, help="named settings of the task (default: paper)")
     train.add_argument("--config", help="YAML file of settings")
     train.add_argument("--out", help="run directory (default: runs/TASK-ALGO-TIME)")
@@ -45,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks", type=int, help="number of test tasks (default: eval_tasks)")
     ev.add_argument("--steps", type=int, help="largest number of adaptation steps")
     ev.add_argument("--shots", type=int, nargs="+", help="shots to evaluate")
+    ev.add_argument("--rollouts", type=int, help="rl: episodes per task and adaptation step")
     ev.add_argument("--checkpoint", choices=("last", "best"), default="last")
 
     sub.add_parser("presets", help="list the built-in presets")
@@ -59,19 +65,27 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+def _resume_settings(args: argparse.Namespace, settings: dict[str, Any],
+                     read: Callable[[str, Any], Any]) -> tuple[Path, dict[str, Any]]:
+    """The run to resume and the settings it may change (``read`` converts their values)."""
+    if not args.out:
+        raise ConfigError("--resume needs --out RUN_DIR, the run to continue")
+    unused = sorted(set(settings) - {"iterations", "threads"})
+    if unused:
+        raise ConfigError("a resumed run keeps its settings; only --iterations and "
+                          f"--threads may change (remove {', '.join(unused)})")
+    return Path(args.out), {k: read(k, v) for k, v in settings.items()}
+
+
 def _train(args: argparse.Namespace) -> None:
     from metagrad.training.loop import train
 
     settings = _settings(args)
+    if args.task == "rl":
+        _train_rl(args, settings)
+        return
     if args.resume:
-        if not args.out:
-            raise ConfigError("--resume needs --out RUN_DIR, the run to continue")
-        unused = sorted(set(settings) - {"iterations", "threads"})
-        if unused:
-            raise ConfigError("a resumed run keeps its settings; only --iterations and "
-                              f"--threads may change (remove {', '.join(unused)})")
-        out = Path(args.out)
-        changes = {k: coerce(k, v) for k, v in settings.items()}
+        out, changes = _resume_settings(args, settings, coerce)
         trainer = train(None, out, resume=True, progress=not args.no_progress, **changes)
     else:
         cfg = resolve(args.task, args.preset, settings)
@@ -82,6 +96,22 @@ def _train(args: argparse.Namespace) -> None:
         return  # a signal stopped the run (checkpoint written), or another rank evaluates
     if not args.no_eval:
         _print_eval(out)
+
+
+def _train_rl(args: argparse.Namespace, settings: dict[str, Any]) -> None:
+    if args.preset:
+        raise ConfigError("train rl has no presets: --env starts from that environment's "
+                          "paper settings")
+    if args.resume:
+        out, changes = _resume_settings(args, settings, RLConfig.coerce)
+        trainer = train_rl(None, out, resume=True, progress=not args.no_progress, **changes)
+    else:
+        cfg = resolve_rl(settings)
+        out = Path(args.out or f"runs/rl-{cfg.env}-{time.strftime('%Y%m%d-%H%M%S')}")
+        print(f"run directory: {out}")
+        trainer = train_rl(cfg, out, progress=not args.no_progress)
+    if not (trainer.stopped or args.no_eval):
+        print_rl_eval(out)
 
 
 def _print_eval(run_dir: Path, **kwargs: Any) -> None:
@@ -105,8 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             _train(args)
         elif args.command == "eval":
-            _print_eval(args.run_dir, tasks=args.tasks, steps=args.steps, shots=args.shots,
-                        which=args.checkpoint)
+            if is_rl_run(args.run_dir):
+                print_rl_eval(args.run_dir, tasks=args.tasks, steps=args.steps,
+                              rollouts=args.rollouts, which=args.checkpoint)
+            else:
+                _print_eval(args.run_dir, tasks=args.tasks, steps=args.steps, shots=args.shots,
+                            which=args.checkpoint)
         elif args.command == "presets":
             for task, presets in PRESETS.items():
                 for name, values in presets.items():

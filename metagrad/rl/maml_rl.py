@@ -21,10 +21,12 @@ trainer, evaluated without training, is the "random initialisation" baseline.
 
 from __future__ import annotations
 
+import difflib
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from types import UnionType
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import torch
 from torch import Tensor
@@ -71,6 +73,24 @@ class RLConfig:
     seed: int = 0
     hvp: HVPMode = "exact"
     """Hessian-of-KL products: double backward (``exact``) or ``finite_difference``."""
+    nav_reward: Literal["distance", "squared_distance"] = "distance"
+    """2-D navigation reward: −‖x − g‖ (the authors' ``point_env_randgoal.py``; the paper's returns,
+    −40.4 before and −11.7 after one step, are on this scale) or −‖x − g‖² (the paper's text)."""
+    # run (metagrad.training.rl)
+    iterations: int = 500
+    """Meta-iterations (paper: up to 500)."""
+    eval_tasks: int = 40
+    eval_rollouts: int = 40
+    """Episodes per test task and adaptation step at evaluation."""
+    eval_steps: int = 3
+    baseline: bool = True
+    """Also train the "pretrained on all tasks" policy (``method="pretrain"``) on the same task
+    batches."""
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 3
+    log_every: int = 1
+    threads: int | None = None
+    """torch intra-op threads (None: torch's default)."""
 
     def __post_init__(self) -> None:
         canonical_env_name(self.env)
@@ -78,11 +98,21 @@ class RLConfig:
             raise ConfigError(f"method must be 'maml' or 'pretrain', got {self.method!r}")
         if self.hvp not in ("exact", "finite_difference"):
             raise ConfigError(f"hvp must be 'exact' or 'finite_difference', got {self.hvp!r}")
-        for name in ("meta_batch", "rollouts", "cg_iters", "ls_steps"):
+        if self.nav_reward not in ("distance", "squared_distance"):
+            raise ConfigError(
+                f"nav_reward must be 'distance' or 'squared_distance', got {self.nav_reward!r}"
+            )
+        for name in ("meta_batch", "rollouts", "cg_iters", "ls_steps", "iterations", "eval_tasks",
+                     "eval_rollouts", "checkpoint_every", "keep_checkpoints", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.horizon is not None and self.horizon < 1:
-            raise ConfigError(f"horizon must be a positive integer or None, got {self.horizon!r}")
+        for name in ("horizon", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(
+                    f"{name} must be a positive integer or None, got {getattr(self, name)!r}"
+                )
+        if self.eval_steps < 0:
+            raise ConfigError(f"eval_steps must be >= 0, got {self.eval_steps!r}")
         for name in ("inner_lr", "eval_inner_lr", "max_kl"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -96,16 +126,63 @@ class RLConfig:
             )
 
     @classmethod
+    def coerce(cls, name: str, value: Any) -> Any:
+        """``value`` (e.g. a YAML value or a command-line string) as the type of field ``name``;
+        unknown names get the closest valid one suggested."""
+        hints = get_type_hints(cls)
+        if name not in hints:
+            close = difflib.get_close_matches(name, list(hints), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown RL setting {name!r}.{hint} Valid: {', '.join(hints)}")
+        hint = hints[name]
+        try:
+            return _coerce(value, hint)
+        except (KeyError, TypeError, ValueError):
+            kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+            raise ConfigError(f"{name}: cannot read {value!r} as {kind}") from None
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RLConfig:
-        """A config from plain values (e.g. YAML); unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown RL setting(s) {unknown}; valid: {sorted(known)}")
-        values = dict(values)
-        if "hidden" in values:
-            values["hidden"] = tuple(values["hidden"])
-        return cls(**values)
+        """A config from plain values (YAML, command-line strings); unknown keys are an error."""
+        return cls(**{k: cls.coerce(k, v) for k, v in values.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (lists, not tuples) for YAML and checkpoints."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """``value`` as type ``hint`` (bool, int, float, str, Literal, tuple[int, ...], X | None);
+    KeyError, TypeError or ValueError when it is not one."""
+    args = get_args(hint)
+    if isinstance(hint, UnionType):
+        empty = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if empty and type(None) in args:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)))
+    if value is None:
+        raise ValueError("empty")
+    if get_origin(hint) is Literal:
+        if str(value) not in args:
+            raise ValueError(value)
+        return str(value)
+    if get_origin(hint) is tuple:
+        if isinstance(value, str):
+            value = value.strip("()[] ").replace(",", " ").split()
+        return tuple(_coerce(v, args[0]) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        return {"true": True, "false": False}[str(value).lower()]
+    if isinstance(value, bool):
+        raise TypeError("a boolean is not a number")
+    if hint is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    if hint is float:
+        return float(value)
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -200,7 +277,9 @@ class MAMLRL:
 
     def __init__(self, config: RLConfig, env: BatchedEnv | None = None) -> None:
         self.config = config
-        kwargs = {} if config.horizon is None else {"horizon": config.horizon}
+        kwargs: dict[str, Any] = {} if config.horizon is None else {"horizon": config.horizon}
+        if canonical_env_name(config.env) == "navigation2d":
+            kwargs["squared_distance"] = config.nav_reward == "squared_distance"
         self.env = env if env is not None else make_env(config.env, **kwargs)
         with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG untouched
             torch.manual_seed(config.seed)
@@ -270,36 +349,46 @@ class MAMLRL:
 
     def evaluate(self, tasks: Tensor | None = None, steps: int = 3, rollouts: int = 40,
                  seed: int | None = None) -> list[float]:
-        """Mean return after 0, 1, …, ``steps`` adaptation steps (α = inner_lr for the first,
-        eval_inner_lr after; each step adapts on the episodes whose return it reports).
+        """Mean return after 0, 1, …, ``steps`` adaptation steps: :meth:`task_returns` averaged
+        over tasks. ``seed`` defaults to config.seed + 1; ``tasks`` to ``meta_batch`` tasks drawn
+        from that seed (the training stream is not disturbed)."""
+        c = self.config
+        seed = c.seed + 1 if seed is None else seed
+        if tasks is None:
+            tasks = self.env.sample_tasks(c.meta_batch, torch.Generator().manual_seed(seed))
+        return self.task_returns(tasks, steps, rollouts, seed).mean(0).tolist()
 
-        Uses its own generator (``seed``, default config.seed + 1) so the training stream is not
-        disturbed; ``tasks`` default to ``meta_batch`` tasks drawn from it.
-        """
+    def task_returns(self, tasks: Tensor, steps: int, rollouts: int, seed: int) -> Tensor:
+        """``[tasks, steps + 1]``: each task's mean return after 0, 1, …, ``steps`` steps."""
+        return torch.stack([ep.returns().mean(1)
+                            for ep in self.adaptation(tasks, steps, rollouts, seed)], 1)
+
+    def adaptation(self, tasks: Tensor, steps: int, rollouts: int, seed: int
+                   ) -> Iterator[Episodes]:
+        """The episodes on ``tasks`` after 0, 1, …, ``steps`` adaptation steps (α = inner_lr
+        for the first, eval_inner_lr after; each step adapts on the episodes yielded before it),
+        sampled with a generator of its own seeded by ``seed``."""
         if not isinstance(steps, int) or steps < 0:
             raise ConfigError(f"steps must be an integer >= 0, got {steps!r}")
         if not isinstance(rollouts, int) or rollouts < 1:
             raise ConfigError(f"rollouts must be a positive integer, got {rollouts!r}")
         c = self.config
-        generator = torch.Generator().manual_seed(c.seed + 1 if seed is None else seed)
-        tasks = self.env.sample_tasks(c.meta_batch, generator) if tasks is None else tasks
+        generator = torch.Generator().manual_seed(seed)
         self.env.reset_task(tasks)
         params = {n: p.detach() for n, p in self.params().items()}
-        returns = []
         for k in range(steps + 1):
             data = self._collect(params, rollouts, generator, per_task=k > 0)
-            returns.append(data.episodes.mean_return())
+            yield data.episodes
             if k < steps:
                 lr = c.inner_lr if k == 0 else c.eval_inner_lr
                 params = adapt(self.policy, params, data, lr=lr, first_order=True,
                                per_task=k > 0)
-        return returns
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: config, policy weights, generator state, iteration
         (a snapshot: later training does not change it)."""
         return {
-            "config": asdict(self.config),
+            "config": self.config.to_dict(),
             "policy": {k: v.detach().clone() for k, v in self.policy.state_dict().items()},
             "generator": self.generator.get_state(),
             "iteration": self.iteration,

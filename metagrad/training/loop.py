@@ -122,7 +122,7 @@ class Trainer:
                    dynamic_ncols=True, desc=f"{cfg.task}/{cfg.algo}")
         started = time.perf_counter()
         log = (self.run_dir / "metrics.jsonl").open("a") if main else None
-        with _stop_on_signals(self), bar:
+        with stop_on_signals(self), bar:
             while self.iteration < cfg.iterations:
                 batch = self.exp.train_tasks.sample(cfg.meta_batch, self.generator)
                 mine = self.dist.shard(batch)
@@ -183,7 +183,7 @@ class Trainer:
 
 
 @contextmanager
-def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
+def stop_on_signals(trainer: Trainer) -> Iterator[None]:
     """SIGINT/SIGTERM finish the current iteration, write a checkpoint and return cleanly."""
 
     def handler(signum: int, _frame: Any) -> None:

@@ -1,0 +1,274 @@
+"""Meta-RL runs: train MAML-RL (and the "pretrained" baseline) into a run directory, resume it,
+evaluate it on held-out tasks — the same conventions as the supervised loop
+(:mod:`metagrad.training.loop`): ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``,
+``eval.json`` and figures.
+
+In ``eval.json`` a row's ``shots`` is the number of rollouts per task and adaptation step (the
+RL counterpart of K examples per class) and ``metric`` is ``"return"`` (undiscounted, per episode,
+averaged over the rollouts of a task).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO, get_type_hints
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from metagrad.errors import CheckpointError, ConfigError, TrainingDivergedError
+from metagrad.rl.envs import canonical_env_name
+from metagrad.rl.maml_rl import MAMLRL, RLConfig
+from metagrad.training import checkpoint as ckpt
+from metagrad.training.evaluation import EvalRow, rows_from_curves
+from metagrad.training.loop import TEST_SEED_OFFSET, stop_on_signals
+from metagrad.training.plots import plot_metric_vs_steps
+from metagrad.training.report import format_table
+from metagrad.training.rl_plots import plot_navigation_trajectories
+
+RL_FIELDS: dict[str, Any] = get_type_hints(RLConfig)
+"""Every RL setting and its type (for command-line flags; values are read by
+:meth:`RLConfig.coerce`)."""
+
+_LOCOMOTION = dict(meta_batch=40, rollouts=20, horizon=200, inner_lr=0.1, iterations=500)
+ENV_DEFAULTS: dict[str, dict[str, Any]] = {
+    "navigation2d": dict(meta_batch=20, rollouts=20, horizon=100, inner_lr=0.1, iterations=500),
+    **{name: _LOCOMOTION for name in ("halfcheetahvel", "halfcheetahdir", "antvel", "antdir")},
+}
+"""The paper's settings (Finn et al. 2017, §5.3 and App. A.2): 20 rollouts per task; meta-batch
+20 (navigation, H = 100) or 40 (locomotion, H = 200); α = 0.1 in every RL experiment (0.05 after
+the first step at evaluation); up to 500 meta-iterations. The authors' code agrees for the
+locomotion tasks (``fast_lr`` 0.1, 20 rollouts, H 200, meta-batch 40) but its navigation script
+uses α = 0.5 and meta-batch 40; the paper's values are used here."""
+
+METHOD_NAMES = {"maml": "maml", "pretrain": "pretrained"}
+"""Names of the trained policies in checkpoints, metrics and ``eval.json``."""
+
+
+def resolve_rl(settings: dict[str, Any]) -> RLConfig:
+    """The config for ``settings["env"]`` (default navigation2d): the environment's paper settings
+    (:data:`ENV_DEFAULTS`), then ``settings`` (strings are read as the fields' types)."""
+    values = {k: RLConfig.coerce(k, v) for k, v in settings.items()}
+    env = canonical_env_name(values.setdefault("env", "navigation2d"))
+    return RLConfig(**{**ENV_DEFAULTS[env], **values})
+
+
+def write_rl_config(cfg: RLConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def is_rl_run(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a meta-RL run (its ``config.yaml`` names an ``env``)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return False
+    data = yaml.safe_load(path.read_text())
+    return isinstance(data, dict) and "env" in data
+
+
+def read_rl_config(run_dir: Path) -> RLConfig:
+    if not is_rl_run(run_dir):
+        raise ConfigError(f"{run_dir} is not a meta-RL run directory (no config.yaml with an "
+                          "env); pass the directory given to `metagrad train rl --out`")
+    return RLConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+
+
+def make_learners(cfg: RLConfig) -> dict[str, MAMLRL]:
+    """The configured method and, with ``baseline`` (and method maml), the pretrained policy."""
+    learners = {METHOD_NAMES[cfg.method]: MAMLRL(cfg)}
+    if cfg.baseline and cfg.method == "maml":
+        learners["pretrained"] = MAMLRL(dataclasses.replace(cfg, method="pretrain"))
+    return learners
+
+
+@contextmanager
+def _mismatch_is_checkpoint_error() -> Iterator[None]:
+    try:
+        yield
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(
+            f"the checkpoint does not match this run's configuration ({exc})"
+        ) from None
+
+
+def load_learners(learners: dict[str, MAMLRL], state: dict[str, Any]) -> None:
+    """Each learner's weights and sampling state from a checkpoint's ``state``."""
+    with _mismatch_is_checkpoint_error():
+        for name, learner in learners.items():
+            learner.load_state_dict(state["learners"][name])
+
+
+class RLTrainer:
+    """Meta-trains every learner on the same task batches (drawn by the first learner's
+    generator, so MAML's run does not depend on whether the baseline is trained)."""
+
+    def __init__(self, cfg: RLConfig, run_dir: Path) -> None:
+        self.config = cfg
+        self.run_dir = run_dir
+        self.learners = make_learners(cfg)
+        self.iteration = 0
+        self.best: float | None = None
+        """Best post-update return of the first learner at a checkpoint iteration."""
+        self.checkpoints = ckpt.CheckpointDir(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
+        self._stop_signal: int | None = None
+        self.stopped = False
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "iteration": self.iteration,
+            "best": self.best,
+            "config": self.config.to_dict(),
+            "learners": {n: learner.state_dict() for n, learner in self.learners.items()},
+            "rng": ckpt.rng_state(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        load_learners(self.learners, state)
+        with _mismatch_is_checkpoint_error():
+            ckpt.restore_rng_state(state["rng"])
+            self.iteration = int(state["iteration"])
+            self.best = state["best"]
+
+    def resume(self) -> bool:
+        latest = self.checkpoints.latest()
+        if latest is None:
+            return False
+        self.load_state(ckpt.load(latest))
+        return True
+
+    def step(self) -> dict[str, float]:
+        """One meta-iteration of every learner: ``{"<learner>/<metric>": value}``."""
+        first, *_ = self.learners.values()
+        tasks = first.sample_tasks()
+        record = {}
+        for name, learner in self.learners.items():
+            metrics = learner.meta_step(tasks)
+            metrics.pop("iteration")
+            for key, value in metrics.items():
+                if not math.isfinite(value):
+                    raise TrainingDivergedError(
+                        f"{name}'s {key} became {value} at iteration {self.iteration + 1}; the "
+                        f"last good checkpoint is kept in {self.checkpoints.directory}. Lower "
+                        "max_kl or inner_lr.")
+                record[f"{name}/{key}"] = value
+        self.iteration += 1
+        return record
+
+    def train(self, progress: bool = True) -> None:
+        cfg = self.config
+        watched = f"{next(iter(self.learners))}/post_return"
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not progress,
+                   dynamic_ncols=True, desc=f"{cfg.env}/{cfg.method}")
+        started = time.perf_counter()
+        with stop_on_signals(self), bar, (self.run_dir / "metrics.jsonl").open("a") as log:
+            while self.iteration < cfg.iterations:
+                record = self.step()
+                bar.update(1)
+                self._log_and_checkpoint(record, record[watched], log, bar, started)
+                if self._stop_signal is not None:
+                    self.checkpoints.save(self.state(), self.iteration)
+                    bar.write(f"stopped by a signal at iteration {self.iteration}; "
+                              "continue with --resume")
+                    self.stopped = True
+                    break
+
+    def _log_and_checkpoint(self, record: dict[str, float], watched: float, log: TextIO,
+                            bar: tqdm, started: float) -> None:
+        cfg = self.config
+        last = self.iteration == cfg.iterations
+        if self.iteration % cfg.log_every == 0 or last:
+            log.write(json.dumps({"iteration": self.iteration,
+                                  "seconds": round(time.perf_counter() - started, 3),
+                                  **record}) + "\n")
+            log.flush()
+            bar.set_postfix({k: round(v, 2) for k, v in record.items() if k.endswith("return")})
+        if self.iteration % cfg.checkpoint_every == 0 or last:
+            # the post-update return of this iteration's batch was measured with the policy
+            # entering it, one trust-region step (KL <= max_kl) before the one saved
+            best = self.best is None or watched > self.best
+            if best:
+                self.best = watched
+            self.checkpoints.save(self.state(), self.iteration, best=best)
+
+
+def train_rl(cfg: RLConfig | None, run_dir: str | Path, resume: bool = False,
+             iterations: int | None = None, progress: bool = True,
+             threads: int | None = None) -> RLTrainer:
+    """Trains ``cfg`` in ``run_dir``; or, with ``resume``, continues the run saved there with the
+    settings it started with (``iterations`` may extend it, ``threads`` change). A resumed run
+    continues bit-identically to one never interrupted."""
+    run_dir = Path(run_dir)
+    checkpoints = run_dir / "checkpoints"
+    if resume:
+        cfg = read_rl_config(run_dir)
+        changes = {k: v for k, v in (("iterations", iterations), ("threads", threads)) if v}
+        cfg = dataclasses.replace(cfg, **changes)
+    elif checkpoints.is_dir() and any(checkpoints.iterdir()):
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or "
+                          "choose another --out")
+    elif cfg is None:
+        raise ConfigError("train_rl needs a config unless it resumes a run")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    trainer = RLTrainer(cfg, run_dir)
+    write_rl_config(cfg, run_dir)
+    if resume and not trainer.resume():
+        raise CheckpointError(f"nothing to resume: {checkpoints} holds no checkpoint")
+    trainer.train(progress=progress)
+    return trainer
+
+
+def evaluate_rl_run(run_dir: str | Path, tasks: int | None = None, steps: int | None = None,
+                    rollouts: int | None = None, which: str = "last"
+                    ) -> tuple[list[EvalRow], list[Path]]:
+    """The return after 0..``steps`` adaptation steps on held-out tasks (a test seed distinct from
+    training; mean ± 95% CI over tasks) of the ``which`` (``"last"`` or ``"best"``) checkpoint's
+    policies and of a fresh initialisation fine-tuned the same way (``random``). Writes
+    ``eval.json``, ``return_vs_steps.png`` and, for navigation2d, ``trajectories.png``."""
+    run_dir = Path(run_dir)
+    cfg = read_rl_config(run_dir)
+    directory = ckpt.CheckpointDir(run_dir / "checkpoints")
+    path = directory.latest() if which == "last" else directory.directory / "best.safetensors"
+    if path is None or not path.is_file():
+        raise CheckpointError(f"no {which} checkpoint in {directory.directory}; train first")
+    state = ckpt.load(path)
+    methods = make_learners(cfg)
+    load_learners(methods, state)
+    methods["random"] = MAMLRL(cfg)
+    tasks = tasks or cfg.eval_tasks
+    steps = cfg.eval_steps if steps is None else steps
+    rollouts = rollouts or cfg.eval_rollouts
+    seed = cfg.seed + TEST_SEED_OFFSET
+    test_tasks = methods["random"].env.sample_tasks(tasks, torch.Generator().manual_seed(seed))
+    rows: list[EvalRow] = []
+    for name, learner in methods.items():  # every method sees the same tasks and noise seed
+        curves = learner.task_returns(test_tasks, steps, rollouts, seed + 1)
+        rows += rows_from_curves(curves, name, rollouts, "test")
+    (run_dir / "eval.json").write_text(json.dumps(
+        {"metric": "return", "checkpoint": path.name, "iteration": state["iteration"],
+         "results": [r.to_dict() for r in rows]}, indent=1))
+    figures = [plot_metric_vs_steps(rows, "return", run_dir / "return_vs_steps.png")]
+    if canonical_env_name(cfg.env) == "navigation2d":
+        figures.append(plot_navigation_trajectories(
+            methods, test_tasks[:3], steps, rollouts, seed + 1, run_dir / "trajectories.png"))
+    return rows, figures
+
+
+def print_rl_eval(run_dir: str | Path, **kwargs: Any) -> None:
+    """:func:`evaluate_rl_run` (``kwargs`` go to it), then the table and the files written."""
+    run_dir = Path(run_dir)
+    rows, figures = evaluate_rl_run(run_dir, **kwargs)
+    print(f"\nreturn (mean ± 95% CI over {rows[0].tasks} test tasks; shots = rollouts per task "
+          "and step) after N adaptation steps:")
+    print(format_table(rows, "return"))
+    print(f"\nwrote {run_dir / 'eval.json'}")
+    for f in figures:
+        print(f"figure: {f}")

@@ -1,0 +1,139 @@
+"""Meta-RL runs: run-directory files, eval.json, exact resume, clean stop on SIGINT, corrupt
+checkpoints refused, settings resolved per environment."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from metagrad.errors import CheckpointError, ConfigError
+from metagrad.rl.maml_rl import MAMLRL, RLConfig
+from metagrad.training import checkpoint as ckpt
+from metagrad.training.rl import evaluate_rl_run, is_rl_run, resolve_rl, train_rl
+
+TINY = dict(meta_batch=3, rollouts=3, horizon=20, hidden=(16,), iterations=4, checkpoint_every=2)
+
+
+def tiny(**settings) -> RLConfig:
+    return RLConfig(**{**TINY, **settings})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    run_dir = tmp_path_factory.mktemp("rl") / "run"
+    train_rl(tiny(), run_dir, progress=False)
+    return run_dir
+
+
+def test_run_directory_holds_config_metrics_and_checkpoints(run):
+    assert is_rl_run(run)
+    assert not is_rl_run(run / "checkpoints")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4]
+    for name in ("maml", "pretrained"):
+        for key in ("pre_return", "post_return", "kl", "step_fraction", "seconds"):
+            assert f"{name}/{key}" in records[0]
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["best.safetensors", "ckpt-0000002.safetensors", "ckpt-0000004.safetensors"]
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        train_rl(tiny(), run, progress=False)
+
+
+def test_eval_json_has_every_method_and_step(run):
+    rows, figures = evaluate_rl_run(run, tasks=4, steps=2, rollouts=3)
+    report = json.loads((run / "eval.json").read_text())
+    assert (report["metric"], report["checkpoint"], report["iteration"]) == (
+        "return", "ckpt-0000004.safetensors", 4)
+    got = {(r["method"], r["steps"]) for r in report["results"]}
+    assert got == {(m, s) for m in ("maml", "pretrained", "random") for s in range(3)}
+    for r in report["results"]:
+        assert (r["shots"], r["tasks"], r["split"]) == (3, 4, "test")
+        assert r["mean"] < 0 and r["ci95"] > 0
+    assert len(rows) == 9
+    assert [f.name for f in figures] == ["return_vs_steps.png", "trajectories.png"]
+    assert all(f.stat().st_size > 0 for f in figures)
+    evaluate_rl_run(run, tasks=2, steps=0, rollouts=2, which="best")
+    assert json.loads((run / "eval.json").read_text())["checkpoint"] == "best.safetensors"
+
+
+def _trajectory(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock entries."""
+    return [{k: v for k, v in json.loads(line).items() if not k.endswith("seconds")}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_continues_bit_identically(run, tmp_path):
+    half = tmp_path / "half"
+    train_rl(tiny(iterations=2), half, progress=False)
+    trainer = train_rl(None, half, resume=True, iterations=4, progress=False)
+    assert trainer.iteration == 4
+    assert _trajectory(half) == _trajectory(run)
+    full = ckpt.load(run / "checkpoints" / "ckpt-0000004.safetensors")["learners"]
+    for name, learner in trainer.learners.items():
+        for key, value in learner.policy.state_dict().items():
+            assert torch.equal(value, full[name]["policy"][key])
+
+
+def test_sigint_writes_a_checkpoint_and_the_run_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from metagrad.rl.maml_rl import RLConfig\n"
+            "from metagrad.training.rl import train_rl\n"
+            f"t = train_rl(RLConfig(**{TINY!r} | dict(iterations=100000)), {str(run_dir)!r}, "
+            "progress=False)\n"
+            "print('stopped' if t.stopped else 'finished')\n")
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped by a signal" in out and out.strip().endswith("stopped")
+    done = metrics.read_text().count("\n")
+    latest = ckpt.CheckpointDir(run_dir / "checkpoints").latest()
+    assert latest.name == f"ckpt-{done:07d}.safetensors"
+    trainer = train_rl(None, run_dir, resume=True, iterations=done + 1, progress=False)
+    assert trainer.iteration == done + 1 and not trainer.stopped
+
+
+def test_corrupt_checkpoint_is_refused(run, tmp_path):
+    broken = tmp_path / "broken"
+    train_rl(tiny(iterations=2, baseline=False), broken, progress=False)
+    latest = ckpt.CheckpointDir(broken / "checkpoints").latest()
+    latest.write_bytes(latest.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="not a metagrad checkpoint"):
+        train_rl(None, broken, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="not a metagrad checkpoint"):
+        evaluate_rl_run(broken)
+    with pytest.raises(ConfigError, match="not a meta-RL run"):
+        evaluate_rl_run(broken / "checkpoints")
+
+
+def test_settings_resolve_per_environment_with_clear_errors():
+    nav = resolve_rl({"iterations": "7", "hidden": "32,32", "threads": "none"})
+    assert (nav.env, nav.meta_batch, nav.horizon, nav.iterations, nav.hidden, nav.threads) == (
+        "navigation2d", 20, 100, 7, (32, 32), None)
+    cheetah = resolve_rl({"env": "half-cheetah-vel", "baseline": "false"})
+    assert (cheetah.meta_batch, cheetah.rollouts, cheetah.horizon, cheetah.inner_lr) == (
+        40, 20, 200, 0.1)
+    assert cheetah.baseline is False
+    with pytest.raises(ConfigError, match="Did you mean 'meta_batch'"):
+        resolve_rl({"meta_bach": "3"})
+    with pytest.raises(ConfigError, match="rollouts: cannot read 'many' as int"):
+        resolve_rl({"rollouts": "many"})
+    with pytest.raises(ConfigError, match="first_order: cannot read 'maybe' as bool"):
+        resolve_rl({"first_order": "maybe"})
+    assert MAMLRL(tiny()).env.squared_distance is False
+    assert MAMLRL(tiny(nav_reward="squared_distance")).env.squared_distance is True
