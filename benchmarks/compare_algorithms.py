@@ -27,7 +27,7 @@ ALGORITHMS: dict[str, dict] = {
                "iterations_per_epoch": 500, "meta_lr_schedule": "cosine"},
     "anil": {"algo": "anil"},
     "reptile": {"algo": "reptile", "inner_steps": 5, "inner_lr": 0.02},
-    "imaml": {"algo": "imaml", "inner_steps": 10, "inner_lr": 0.05, "imaml_lambda": 2.0},
+    "imaml": {"algo": "imaml", "inner_steps": 10, "inner_lr": 0.02, "imaml_lambda": 1.0},
     "cavia": {"algo": "cavia", "inner_lr": 1.0, "cavia_context_dim": 5},
 }
 
