@@ -149,3 +149,10 @@ class CheckpointDir:
         for old in self.all()[: -self.keep]:
             old.unlink(missing_ok=True)
         return path
+
+    def read(self, which: str = "last") -> tuple[Path, dict[str, Any]]:
+        """The ``"last"`` or ``"best"`` checkpoint's path and state; a clear error if absent."""
+        path = self.latest() if which == "last" else self.directory / "best.safetensors"
+        if path is None or not path.is_file():
+            raise CheckpointError(f"no {which} checkpoint in {self.directory}; train first")
+        return path, load(path)

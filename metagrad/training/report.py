@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from metagrad.errors import CheckpointError
 from metagrad.training import checkpoint as ckpt
 from metagrad.training.evaluation import EvalRow, per_step_metrics, rows_from_curves
 from metagrad.training.experiment import build
@@ -23,11 +22,7 @@ def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | Non
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     exp = build(cfg)
-    directory = ckpt.CheckpointDir(run_dir / "checkpoints")
-    path = directory.latest() if which == "last" else directory.directory / "best.safetensors"
-    if path is None or not path.is_file():
-        raise CheckpointError(f"no {which} checkpoint in {directory.directory}; train first")
-    state = ckpt.load(path)
+    path, state = ckpt.CheckpointDir(run_dir / "checkpoints").read(which)
     for name, learner in exp.learners.items():
         learner.load_state_dict(state["learners"][name])
     learners = dict(exp.learners)

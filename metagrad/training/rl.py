@@ -235,11 +235,7 @@ def evaluate_rl_run(run_dir: str | Path, tasks: int | None = None, steps: int | 
     ``eval.json``, ``return_vs_steps.png`` and, for navigation2d, ``trajectories.png``."""
     run_dir = Path(run_dir)
     cfg = read_rl_config(run_dir)
-    directory = ckpt.CheckpointDir(run_dir / "checkpoints")
-    path = directory.latest() if which == "last" else directory.directory / "best.safetensors"
-    if path is None or not path.is_file():
-        raise CheckpointError(f"no {which} checkpoint in {directory.directory}; train first")
-    state = ckpt.load(path)
+    path, state = ckpt.CheckpointDir(run_dir / "checkpoints").read(which)
     methods = make_learners(cfg)
     load_learners(methods, state)
     methods["random"] = MAMLRL(cfg)
