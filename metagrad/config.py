@@ -126,26 +126,25 @@ class ExperimentConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
 
+# Run settings shared by the classification presets (60,000 iterations as in the paper).
+_CLASSIFICATION_RUN: dict[str, Any] = dict(
+    meta_lr=1e-3, iterations=60000, eval_queries=15, baseline=False, val_every=500,
+    val_tasks=200, checkpoint_every=250)
+
 # Settings of the MAML paper (Finn et al. 2017, §5.1 and appendix A.1), per task.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "omniglot": {
         # 5-way; 20-way presets are selected by --ways 20 (see resolve())
-        "paper": dict(ways=5, shots=1, queries=1, inner_lr=0.4, inner_steps=1, meta_batch=32,
-                      meta_lr=1e-3, iterations=60000, eval_steps=3, eval_queries=15,
-                      baseline=False, val_every=500, val_tasks=200, checkpoint_every=250),
-        "paper-20way": dict(ways=20, shots=1, queries=1, inner_lr=0.1, inner_steps=5,
-                            meta_batch=16, meta_lr=1e-3, iterations=60000, eval_steps=5,
-                            eval_queries=15, baseline=False, val_every=500, val_tasks=200,
-                            checkpoint_every=250),
+        "paper": dict(_CLASSIFICATION_RUN, ways=5, shots=1, queries=1, inner_lr=0.4,
+                      inner_steps=1, meta_batch=32, eval_steps=3),
+        "paper-20way": dict(_CLASSIFICATION_RUN, ways=20, shots=1, queries=1, inner_lr=0.1,
+                            inner_steps=5, meta_batch=16, eval_steps=5),
     },
     "miniimagenet": {
-        "paper": dict(ways=5, shots=1, queries=15, inner_lr=0.01, inner_steps=5, meta_batch=4,
-                      meta_lr=1e-3, iterations=60000, eval_steps=10, eval_queries=15,
-                      baseline=False, val_every=500, val_tasks=200, checkpoint_every=250),
-        "paper-5shot": dict(ways=5, shots=5, queries=15, inner_lr=0.01, inner_steps=5,
-                            meta_batch=2, meta_lr=1e-3, iterations=60000, eval_steps=10,
-                            eval_queries=15, baseline=False, val_every=500, val_tasks=200,
-                            checkpoint_every=250),
+        "paper": dict(_CLASSIFICATION_RUN, ways=5, shots=1, queries=15, inner_lr=0.01,
+                      inner_steps=5, meta_batch=4, eval_steps=10),
+        "paper-5shot": dict(_CLASSIFICATION_RUN, ways=5, shots=5, queries=15, inner_lr=0.01,
+                            inner_steps=5, meta_batch=2, eval_steps=10),
     },
     "sinusoid": {
         "paper": dict(shots=10, queries=10, inner_lr=0.01, inner_steps=1, meta_batch=25,

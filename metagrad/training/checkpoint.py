@@ -156,3 +156,8 @@ class CheckpointDir:
         if path is None or not path.is_file():
             raise CheckpointError(f"no {which} checkpoint in {self.directory}; train first")
         return path, load(path)
+
+    def latest_state(self) -> dict[str, Any] | None:
+        """The newest checkpoint's state, or ``None`` when there is none (nothing to resume)."""
+        latest = self.latest()
+        return None if latest is None else load(latest)

@@ -96,11 +96,10 @@ class Trainer:
             ) from None
 
     def resume(self) -> bool:
-        latest = self.checkpoints.latest()
-        if latest is None:
-            return False
-        self.load_state(ckpt.load(latest))
-        return True
+        state = self.checkpoints.latest_state()
+        if state is not None:
+            self.load_state(state)
+        return state is not None
 
     # -- loop ---------------------------------------------------------------------------------
     def validate(self) -> float:

@@ -138,11 +138,10 @@ class RLTrainer:
             self.best = state["best"]
 
     def resume(self) -> bool:
-        latest = self.checkpoints.latest()
-        if latest is None:
-            return False
-        self.load_state(ckpt.load(latest))
-        return True
+        state = self.checkpoints.latest_state()
+        if state is not None:
+            self.load_state(state)
+        return state is not None
 
     def step(self) -> dict[str, float]:
         """One meta-iteration of every learner: ``{"<learner>/<metric>": value}``."""
