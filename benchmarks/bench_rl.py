@@ -6,14 +6,16 @@
 * HalfCheetah stepping: metagrad's batched ``mujoco.rollout`` env (with and without the policy),
   gymnasium's ``SyncVectorEnv`` of ``HalfCheetah-v5``, and a Python loop of ``mj_step`` over one
   ``MjData`` per environment;
-* seconds per MAML meta-iteration on 2-D navigation at paper scale, for each Hessian-vector
-  product mode and first order.
+* seconds per MAML meta-iteration on 2-D navigation at paper scale (sampling included): exact and
+  finite-difference Hessian-vector products, the Fisher on a share of the tasks, first order
+  (interleaved, median and min).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from collections.abc import Callable
 
@@ -111,17 +113,36 @@ def mj_step_loop_rate(horizon: int) -> float:
     return best_rate(TASKS * ROLLOUTS * horizon, run, repeats=1)
 
 
-def meta_iteration_seconds(iterations: int, **settings: object) -> float:
-    trainer = MAMLRL(RLConfig(env="navigation2d", meta_batch=TASKS, rollouts=ROLLOUTS,
-                              **settings))
-    trainer.meta_step()  # warm-up
-    return min(trainer.meta_step()["seconds"] for _ in range(iterations))
+META_ITERATION_SETTINGS: dict[str, dict[str, object]] = {
+    "second order, exact HVP, all tasks (paper)": {"fvp_fraction": 1.0},
+    "second order, exact HVP, Fisher on 25% of tasks": {"fvp_fraction": 0.25},
+    "second order, finite-difference HVP, all tasks": {"fvp_fraction": 1.0,
+                                                       "hvp": "finite_difference"},
+    "first order, all tasks": {"fvp_fraction": 1.0, "first_order": True},
+    "first order, Fisher on 25% of tasks": {"fvp_fraction": 0.25, "first_order": True},
+}
+
+
+def meta_iteration_seconds(rounds: int) -> dict[str, list[float]]:
+    """Seconds per meta-iteration (sampling included) of each setting, interleaved round-robin
+    after one warm-up iteration each."""
+    trainers = {label: MAMLRL(RLConfig(env="navigation2d", meta_batch=TASKS, rollouts=ROLLOUTS,
+                                       **settings))
+                for label, settings in META_ITERATION_SETTINGS.items()}
+    for trainer in trainers.values():
+        trainer.meta_step()
+    times: dict[str, list[float]] = {label: [] for label in trainers}
+    for _ in range(rounds):
+        for label, trainer in trainers.items():
+            times[label].append(trainer.meta_step()["seconds"])
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--iterations", type=int, default=3, help="timed meta-iterations")
+    parser.add_argument("--iterations", type=int, default=5,
+                        help="timed meta-iterations per setting (interleaved)")
     parser.add_argument("--cheetah-horizon", type=int, default=50)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -140,14 +161,12 @@ def main() -> None:
         print(f"HalfCheetah-v5 gymnasium SyncVectorEnv:  {shown}")
     except ConfigError as error:
         print(f"HalfCheetah: skipped ({error})")
-    for label, settings in [
-        ("second order, exact HVP", {}),
-        ("second order, finite-difference HVP", {"hvp": "finite_difference"}),
-        ("first order", {"first_order": True}),
-    ]:
-        seconds = meta_iteration_seconds(args.iterations, **settings)
-        print(f"navigation2d meta-iteration ({label}): {seconds:.2f} s")
-
+    times = meta_iteration_seconds(args.iterations)
+    reference = statistics.median(next(iter(times.values())))
+    for label, seconds in times.items():
+        median = statistics.median(seconds)
+        print(f"navigation2d meta-iteration ({label}): median {median:.2f} s, min "
+              f"{min(seconds):.2f} s, {reference / median:.1f}x the paper setting")
 
 if __name__ == "__main__":
     main()

@@ -80,7 +80,7 @@ class IMAML(MAML):
             return v + torch.cat([hv[n].reshape(-1) for n in names]) / self.lam
 
         b = torch.cat([g[n].reshape(-1) for n in names])
-        return as_params(conjugate_gradient(matvec, b, self.cg_iterations)), query_loss
+        return as_params(conjugate_gradient(matvec, b, self.cg_iterations)[0]), query_loss
 
     def meta_gradient(self, batch: TaskBatch) -> Tensor:
         params = self.params()

@@ -9,9 +9,10 @@ from torch import Tensor
 
 
 def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, iters: int = 10,
-                       residual_tol: float = 1e-10) -> Tensor:
-    """x ≈ A⁻¹b for symmetric positive-definite A given only v ↦ Av (Nocedal & Wright 2006,
-    Alg. 5.2), from x₀ = 0; stops early once ‖r‖² ≤ ``residual_tol``."""
+                       residual_tol: float = 1e-10) -> tuple[Tensor, Tensor]:
+    """(x, r): x ≈ A⁻¹b for symmetric positive-definite A given only v ↦ Av (Nocedal & Wright
+    2006, Alg. 5.2), from x₀ = 0, and its residual r = b − Ax (kept by the recursion, so Ax = b − r
+    costs no further product); stops early once ‖r‖² ≤ ``residual_tol``."""
     x = torch.zeros_like(b)
     r = b.clone()
     p = b.clone()
@@ -26,4 +27,4 @@ def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, iters: int
         rr_next = r @ r
         p = r + (rr_next / rr) * p
         rr = rr_next
-    return x
+    return x, r

@@ -116,15 +116,24 @@ def line_search(objective: Objective, params: Params, full_step: Tensor, loss_be
 
 def trpo_step(objective: Objective, params: Params, *, max_kl: float = 0.01,
               cg_iters: int = 10, cg_damping: float = 1e-5, ls_steps: int = 15,
-              ls_backtrack: float = 0.8, hvp: HVPMode = "exact") -> TRPOResult:
-    """One TRPO update of ``params`` (which must require grad) on ``objective``."""
+              ls_backtrack: float = 0.8, hvp: HVPMode = "exact",
+              curvature: Callable[[Params], Tensor] | None = None) -> TRPOResult:
+    """One TRPO update of ``params`` (which must require grad) on ``objective``.
+
+    ``curvature``: the function whose Hessian at ``params`` is the trust-region metric F;
+    default the objective's KL. Passing the KL of a subset of the data gives the subsampled
+    Fisher-vector products of Schulman et al. 2015, App. C.1; the gradient and the line search's
+    KL check always use all of it. sᵀFs is taken from the conjugate-gradient residual
+    (Fs = g − r), so the solve costs ``cg_iters`` products and no more.
+    """
     loss, kl = objective(params)
     grad = flatten(dict(zip(params, torch.autograd.grad(loss, list(params.values()),
                                                         retain_graph=True), strict=True)))
-    fvp = hessian_vector_product(lambda p: objective(p)[1], params, mode=hvp, damping=cg_damping,
-                                 value=kl if hvp == "exact" else None)
-    direction = conjugate_gradient(fvp, grad, iters=cg_iters)
-    shs = 0.5 * (direction @ fvp(direction))
+    reuse = hvp == "exact" and curvature is None
+    fvp = hessian_vector_product(curvature or (lambda p: objective(p)[1]), params, mode=hvp,
+                                 damping=cg_damping, value=kl if reuse else None)
+    direction, residual = conjugate_gradient(fvp, grad, iters=cg_iters)
+    shs = 0.5 * (direction @ (grad - residual))
     loss_before = float(loss.detach())
     if not shs > 0:
         return TRPOResult({n: p.detach() for n, p in params.items()}, False, 0.0, loss_before,

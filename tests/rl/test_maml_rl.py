@@ -15,6 +15,7 @@ from metagrad.rl.maml_rl import MAMLRL, RLConfig
     ({"inner_lr": 0.0}, "inner_lr"),
     ({"ls_backtrack": 1.5}, "ls_backtrack"),
     ({"gamma": 1.2}, "gamma"),
+    ({"fvp_fraction": 0.0}, "fvp_fraction"),
 ])
 def test_config_errors_name_the_setting(settings, message):
     with pytest.raises(ConfigError, match=message):
@@ -50,7 +51,7 @@ def test_state_dict_round_trip_resumes_identically():
 
 
 @pytest.mark.parametrize("settings", [{"first_order": True}, {"hvp": "finite_difference"},
-                                      {"method": "pretrain"}])
+                                      {"method": "pretrain"}, {"fvp_fraction": 0.4}])
 def test_variants_take_a_trust_region_step(settings):
     trainer = MAMLRL(tiny(**settings))
     before = [p.detach().clone() for p in trainer.policy.parameters()]
@@ -73,3 +74,14 @@ def test_navigation2d_learns_to_adapt():
     pre, post = trainer.evaluate(steps=1, rollouts=10)
     assert post > pre + 3.0, (pre, post)  # one gradient step adapts the policy to the task
     assert post > first["post_return"] + 30.0, (first["post_return"], post)  # and it learned
+
+
+def test_fvp_fraction_changes_only_the_trust_region_metric():
+    """Same episodes, same gradient; a Fisher on one task of three gives another step."""
+    full, sub = MAMLRL(tiny()), MAMLRL(tiny(fvp_fraction=0.34))
+    a, b = full.meta_step(), sub.meta_step()
+    assert a["pre_return"] == b["pre_return"] and a["post_return"] == b["post_return"]
+    assert a["surrogate_before"] == pytest.approx(b["surrogate_before"], abs=1e-7)
+    assert not all(torch.equal(p, q) for p, q in zip(full.policy.parameters(),
+                                                     sub.policy.parameters(), strict=True))
+    assert b["kl"] <= sub.config.max_kl  # the line search checks the full KL

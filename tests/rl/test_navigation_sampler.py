@@ -26,6 +26,14 @@ def test_navigation_dynamics_by_hand():
     assert reward[0, 0].item() == pytest.approx(-(0.2 ** 2 + 0.15 ** 2))
 
 
+def test_navigation_normalized_actions_are_in_units_of_the_bound():
+    env = Navigation2D(normalized_actions=True)
+    env.reset_task(torch.tensor([[0.3, -0.2]]))
+    env.reset(1)
+    obs, _, _ = env.step(torch.tensor([[[0.5, -3.0]]]))
+    torch.testing.assert_close(obs, torch.tensor([[[0.05, -0.1]]]))  # 0.1·a, clipped to ±0.1
+
+
 def test_navigation_negative_distance_option_and_task_sampling():
     env = Navigation2D(squared_distance=False)
     env.reset_task(torch.tensor([[0.3, 0.4]]))

@@ -25,10 +25,12 @@ def spd_matrix(n: int, seed: int = 0) -> torch.Tensor:
 def test_conjugate_gradient_matches_exact_solve():
     a = spd_matrix(8)
     b = torch.randn(8, generator=torch.Generator().manual_seed(1), dtype=DT)
-    x = conjugate_gradient(lambda v: a @ v, b, iters=8)  # n iterations: exact in exact arithmetic
+    x, _ = conjugate_gradient(lambda v: a @ v, b, iters=8)  # n iterations: exact (exact arith.)
     torch.testing.assert_close(x, torch.linalg.solve(a, b), rtol=1e-8, atol=1e-10)
-    few = conjugate_gradient(lambda v: a @ v, b, iters=2)
+    few, residual = conjugate_gradient(lambda v: a @ v, b, iters=2)
     assert (few - torch.linalg.solve(a, b)).norm() > 1e-6  # the iteration count is honoured
+    torch.testing.assert_close(residual, b - a @ few)  # the returned residual is b − Ax
+    assert residual.norm() > 1e-6
 
 
 def test_flatten_round_trip():
@@ -99,3 +101,28 @@ def test_trpo_step_on_quadratic_respects_trust_region():
     grad = 2 * (theta0 - target)
     torch.testing.assert_close(d / d.norm(), -torch.linalg.solve(a, grad) /
                                torch.linalg.solve(a, grad).norm())
+
+
+def test_trpo_step_uses_the_given_curvature_for_the_metric():
+    """A curvature function (e.g. the KL of a data subsample) sets the step's metric; the line
+    search still checks the objective's own KL."""
+    a, b = spd_matrix(4), spd_matrix(4, seed=5)
+    target, theta0 = torch.ones(4, dtype=DT), torch.zeros(4, dtype=DT)
+    params = {"x": theta0.clone().requires_grad_()}
+
+    def objective(p):
+        d = p["x"] - theta0
+        return ((p["x"] - target) ** 2).sum(), 0.5 * d @ a @ d
+
+    def curvature(p):
+        d = p["x"] - theta0
+        return 0.5 * d @ (4 * b) @ d
+
+    result = trpo_step(objective, params, max_kl=0.01, cg_iters=4, cg_damping=0.0,
+                       curvature=curvature)
+    d = result.params["x"] - theta0
+    assert result.accepted
+    assert 0.5 * d @ (4 * b) @ d == pytest.approx(0.01 * result.step_fraction ** 2, rel=1e-6)
+    step = torch.linalg.solve(b, 2 * (theta0 - target))
+    torch.testing.assert_close(d / d.norm(), -step / step.norm())
+    assert result.kl == pytest.approx(float(0.5 * d @ a @ d), rel=1e-6) and result.kl <= 0.01

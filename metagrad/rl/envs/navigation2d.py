@@ -2,9 +2,11 @@
 
 A point agent starts at the origin and must reach a goal drawn uniformly from [−0.5, 0.5]². The
 observation is the position; the action is the displacement, clipped to [−0.1, 0.1] per
-coordinate; the reward is the negative squared distance to the goal after the move (the paper's
-text; the authors' code uses the negative distance: ``squared_distance=False``). An episode ends
-within 0.01 of the goal or after H = 100 steps.
+coordinate. With ``normalized_actions`` (the authors' code, through rllab's ``normalize``
+wrapper) the policy's action a is in units of that bound: the move is clip(0.1·a, ±0.1). The
+reward is the negative squared distance to the goal after the move (the paper's text; the
+authors' code uses the negative distance: ``squared_distance=False``). An episode ends within
+0.01 of the goal or after H = 100 steps.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ class Navigation2D:
     goal_radius = 0.01
 
     def __init__(self, horizon: int = 100, squared_distance: bool = True,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 normalized_actions: bool = False, dtype: torch.dtype = torch.float32) -> None:
         if horizon < 1:
             raise ConfigError(f"horizon must be >= 1, got {horizon}")
         self.horizon = horizon
         self.squared_distance = squared_distance
+        self.action_scale = self.max_action if normalized_actions else 1.0
         self.dtype = dtype
         self.goals = torch.zeros(0, 2, dtype=dtype)
         self.position = torch.zeros(0, 0, 2, dtype=dtype)
@@ -56,7 +59,8 @@ class Navigation2D:
                 f"actions must have shape {tuple(self.position.shape)} [tasks, rollouts, 2], "
                 f"got {tuple(actions.shape)}"
             )
-        move = actions.to(self.dtype).clamp(-self.max_action, self.max_action)
+        move = (actions.to(self.dtype) * self.action_scale).clamp(-self.max_action,
+                                                                   self.max_action)
         self.position = self.position + move
         sq_dist = (self.position - self.goals[:, None, :]).square().sum(-1)
         reward = -sq_dist if self.squared_distance else -sq_dist.sqrt()
