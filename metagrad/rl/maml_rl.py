@@ -100,6 +100,8 @@ class RLConfig:
     log_every: int = 1
     threads: int | None = None
     """torch intra-op threads (None: torch's default)."""
+    env_threads: int = 0
+    """MuJoCo environments: threads of the batched ``mujoco.rollout`` (0 = the calling thread)."""
 
     def __post_init__(self) -> None:
         canonical_env_name(self.env)
@@ -120,6 +122,8 @@ class RLConfig:
                 raise ConfigError(
                     f"{name} must be a positive integer or None, got {getattr(self, name)!r}"
                 )
+        if not isinstance(self.env_threads, int) or self.env_threads < 0:
+            raise ConfigError(f"env_threads must be an integer >= 0, got {self.env_threads!r}")
         if self.eval_steps < 0:
             raise ConfigError(f"eval_steps must be >= 0, got {self.eval_steps!r}")
         if not 0 < self.fvp_fraction <= 1:
@@ -293,6 +297,8 @@ class MAMLRL:
         if canonical_env_name(config.env) == "navigation2d":
             kwargs["squared_distance"] = config.nav_reward == "squared_distance"
             kwargs["normalized_actions"] = config.nav_normalized_actions
+        elif config.env_threads:
+            kwargs["nthread"] = config.env_threads
         self.env = env if env is not None else make_env(config.env, **kwargs)
         with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG untouched
             torch.manual_seed(config.seed)
