@@ -43,16 +43,16 @@ class Distributed:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         return cls(dist.get_rank(), dist.get_world_size())
 
-    def shard(self, batch: TaskBatch) -> TaskBatch:
-        """This rank's contiguous share of the tasks (sizes differ by at most one)."""
-        if self.world_size == 1:
-            return batch
-        n = batch.num_tasks
+    def part(self, n: int) -> slice:
+        """This rank's contiguous share of ``n`` tasks (sizes differ by at most one)."""
         if n < self.world_size:
             raise ConfigError(f"meta_batch={n} is smaller than the {self.world_size} processes; "
                               "give every process at least one task")
-        start, stop = (n * self.rank) // self.world_size, (n * (self.rank + 1)) // self.world_size
-        return batch[start:stop]
+        return slice((n * self.rank) // self.world_size, (n * (self.rank + 1)) // self.world_size)
+
+    def shard(self, batch: TaskBatch) -> TaskBatch:
+        """This rank's share of the tasks of ``batch`` (:meth:`part`)."""
+        return batch if self.world_size == 1 else batch[self.part(batch.num_tasks)]
 
     def share(self, batch: TaskBatch) -> float:
         """n_r / n: this rank's weight in the mean over all tasks."""
@@ -72,6 +72,25 @@ class Distributed:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
         return flat[offset:].to(extras.dtype).view_as(extras)
+
+    def reduce(self, tensor: Tensor, weight: float) -> Tensor:
+        """Σ_r weight_r·tensor_r, the same on every rank (e.g. a mean over all tasks from each
+        rank's mean over its n_r tasks, weight n_r/n)."""
+        if self.world_size == 1:
+            return tensor
+        out = tensor.detach() * weight
+        dist.all_reduce(out)
+        return out
+
+    def in_sync(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` is identical on every rank (e.g. the parameters, which every rank
+        updates by itself)."""
+        if self.world_size == 1:
+            return True
+        high, low = tensor.detach().clone(), tensor.detach().clone()
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        return bool(torch.equal(high, low))
 
     def any(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any (so that all ranks stop together)."""

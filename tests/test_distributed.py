@@ -33,3 +33,19 @@ def test_two_processes_match_one(tmp_path):
     # metrics are written once (by rank 0)
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and '"iteration": 12' in lines[0]
+
+
+def test_two_processes_train_rl_in_step(tmp_path):
+    """Each process samples and differentiates its half of the tasks; the TRPO step combines the
+    halves, so both processes hold the same policy (checked by the trainer at every checkpoint,
+    which raises otherwise) and rank 0 alone writes."""
+    args = ["train", "rl", "--env", "navigation2d", "--meta-batch", "4", "--rollouts", "4",
+            "--horizon", "20", "--hidden", "16", "--iterations", "3", "--baseline", "false",
+            "--checkpoint-every", "1", "--no-eval", "--no-progress", "--threads", "1",
+            "--fvp-fraction", "0.5", "--out", str(tmp_path / "rl")]
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "metagrad.cli", *args], tmp_path)
+    state = ckpt.load(ckpt.CheckpointDir(tmp_path / "rl" / "checkpoints").latest())
+    assert state["iteration"] == 3
+    lines = (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3

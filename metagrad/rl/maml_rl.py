@@ -34,6 +34,7 @@ from torch.distributions import Normal, kl_divergence
 
 from metagrad.core.functional import Params
 from metagrad.core.inner_loop import inner_loop
+from metagrad.distributed import Distributed
 from metagrad.errors import CheckpointError, ConfigError
 from metagrad.models.policies import GaussianMLPPolicy
 from metagrad.rl.baselines import LinearFeatureBaseline
@@ -291,8 +292,10 @@ class MAMLRL:
     """The MAML-RL trainer: :meth:`meta_step` per meta-iteration, :meth:`evaluate` for the
     return after 0, 1, … adaptation steps; :meth:`state_dict` for checkpoints."""
 
-    def __init__(self, config: RLConfig, env: BatchedEnv | None = None) -> None:
+    def __init__(self, config: RLConfig, env: BatchedEnv | None = None,
+                 distributed: Distributed | None = None) -> None:
         self.config = config
+        self.dist = distributed or Distributed()
         kwargs: dict[str, Any] = {} if config.horizon is None else {"horizon": config.horizon}
         if canonical_env_name(config.env) == "navigation2d":
             kwargs["squared_distance"] = config.nav_reward == "squared_distance"
@@ -324,46 +327,66 @@ class MAMLRL:
         return TaskData(episodes, adv)
 
     def meta_step(self, tasks: Tensor | None = None) -> dict[str, float]:
-        """One meta-iteration on ``tasks`` (default: a fresh meta-batch); returns metrics."""
+        """One meta-iteration on ``tasks`` (default: a fresh meta-batch); returns metrics.
+
+        Under ``torch.distributed`` every process draws the same tasks and runs its share
+        (:meth:`~metagrad.distributed.Distributed.part`) with episode noise of its own; the TRPO
+        step combines the shares (:func:`~metagrad.rl.trpo.trpo_step`'s ``reduce``), so every
+        process takes the same step.
+        """
         c = self.config
         start = time.perf_counter()
         tasks = self.sample_tasks() if tasks is None else tasks
-        self.env.reset_task(tasks)
+        mine = self.dist.part(len(tasks))
+        share = (mine.stop - mine.start) / len(tasks)
+
+        def reduce(t: Tensor) -> Tensor:
+            return self.dist.reduce(t, share)
+
+        # this process's episode noise: seeded from the shared stream, so resumable
+        seed = int(torch.randint(2**62, (), generator=self.generator))
+        generator = torch.Generator().manual_seed(seed + self.dist.rank)
+        self.env.reset_task(tasks[mine])
         params = self.params()
         detached = {n: p.detach() for n, p in params.items()}
-        pre = self._collect(detached, c.rollouts, self.generator, per_task=False)
+        pre = self._collect(detached, c.rollouts, generator, per_task=False)
         inner_steps = 1 if c.method == "maml" else 0
         if inner_steps:
             adapted = adapt(self.policy, detached, pre, lr=c.inner_lr, first_order=True)
-            post = self._collect(adapted, c.rollouts, self.generator, per_task=True)
+            post = self._collect(adapted, c.rollouts, generator, per_task=True)
         else:
-            adapted = {n: p.expand(len(tasks), *p.shape) for n, p in detached.items()}
+            adapted = {n: p.expand(len(pre.advantages), *p.shape) for n, p in detached.items()}
             post = pre
         sample_time = time.perf_counter() - start
         with torch.no_grad():
             loc, scale = action_distribution(self.policy, adapted, post.episodes.obs, True)
             log_prob = Normal(loc, scale).log_prob(post.episodes.actions).sum(-1)
         old = OldPolicy(log_prob, loc, scale)
+
         def objective(p: Params, subset: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
             return meta_objective(self.policy, p, pre, post, old, lr=c.inner_lr,
                                   inner_steps=inner_steps, first_order=c.first_order, tasks=subset)
 
         curvature = None
         if c.fvp_fraction < 1:
-            count = max(1, round(c.fvp_fraction * len(tasks)))
-            subset = torch.randperm(len(tasks), generator=self.generator)[:count].tolist()
+            local = len(pre.advantages)
+            subset = torch.randperm(local, generator=generator)[
+                :max(1, round(c.fvp_fraction * local))].tolist()
             curvature = lambda p: objective(p, subset)[1]  # noqa: E731
         result = trpo_step(objective, params, max_kl=c.max_kl, cg_iters=c.cg_iters,
                            cg_damping=c.cg_damping, ls_steps=c.ls_steps,
-                           ls_backtrack=c.ls_backtrack, hvp=c.hvp, curvature=curvature)
+                           ls_backtrack=c.ls_backtrack, hvp=c.hvp, curvature=curvature,
+                           reduce=reduce)
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(result.params[name])
         self.iteration += 1
+        returns = reduce(torch.stack([pre.episodes.returns().mean(),
+                                      post.episodes.returns().mean()]))
         return {
             "iteration": float(self.iteration),
-            "pre_return": pre.episodes.mean_return(),
-            "post_return": post.episodes.mean_return(),
+            "pre_return": float(returns[0]),
+            "post_return": float(returns[1]),
             "surrogate_before": result.loss_before,
             "surrogate_after": result.loss_after,
             "kl": result.kl,

@@ -29,9 +29,6 @@ class Episodes:
         """Undiscounted return of every episode: ``[tasks, rollouts]``."""
         return (self.rewards * self.masks).sum(-1)
 
-    def mean_return(self) -> float:
-        return float(self.returns().mean())
-
 
 def action_distribution(policy: GaussianMLPPolicy, params: Mapping[str, Tensor], obs: Tensor,
                         per_task: bool) -> tuple[Tensor, Tensor]:

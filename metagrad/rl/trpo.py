@@ -26,6 +26,14 @@ Objective = Callable[[Params], tuple[Tensor, Tensor]]
 
 HVPMode = Literal["exact", "finite_difference"]
 
+Reduce = Callable[[Tensor], Tensor]
+"""Combines a quantity computed on this process's share of the data with the other processes'
+(:meth:`metagrad.distributed.Distributed.reduce`); the identity in a single process."""
+
+
+def _local(tensor: Tensor) -> Tensor:
+    return tensor
+
 
 def flatten(tensors: Mapping[str, Tensor]) -> Tensor:
     """The tensors of a dict (in its order) as one vector."""
@@ -99,16 +107,17 @@ class TRPOResult:
 
 
 def line_search(objective: Objective, params: Params, full_step: Tensor, loss_before: float, *,
-                max_kl: float, steps: int = 15, backtrack: float = 0.8) -> TRPOResult:
+                max_kl: float, steps: int = 15, backtrack: float = 0.8,
+                reduce: Reduce = _local) -> TRPOResult:
     """Tries θ − βᵏ·full_step for k = 0 … steps−1; accepts the first with a lower loss and
-    KL ≤ max_kl."""
+    KL ≤ max_kl (both passed through ``reduce``)."""
     start = {n: p.detach() for n, p in params.items()}
     base = flatten(start)
     for k in range(steps):
         fraction = backtrack ** k
         candidate = unflatten(base - fraction * full_step, start)
         with torch.no_grad():
-            loss, kl = objective(candidate)
+            loss, kl = reduce(torch.stack(objective(candidate))).tolist()
         if float(loss) < loss_before and float(kl) <= max_kl:
             return TRPOResult(candidate, True, fraction, loss_before, float(loss), float(kl))
     return TRPOResult(start, False, 0.0, loss_before, loss_before, 0.0)
@@ -117,7 +126,8 @@ def line_search(objective: Objective, params: Params, full_step: Tensor, loss_be
 def trpo_step(objective: Objective, params: Params, *, max_kl: float = 0.01,
               cg_iters: int = 10, cg_damping: float = 1e-5, ls_steps: int = 15,
               ls_backtrack: float = 0.8, hvp: HVPMode = "exact",
-              curvature: Callable[[Params], Tensor] | None = None) -> TRPOResult:
+              curvature: Callable[[Params], Tensor] | None = None,
+              reduce: Reduce = _local) -> TRPOResult:
     """One TRPO update of ``params`` (which must require grad) on ``objective``.
 
     ``curvature``: the function whose Hessian at ``params`` is the trust-region metric F;
@@ -125,19 +135,24 @@ def trpo_step(objective: Objective, params: Params, *, max_kl: float = 0.01,
     Fisher-vector products of Schulman et al. 2015, App. C.1; the gradient and the line search's
     KL check always use all of it. sᵀFs is taken from the conjugate-gradient residual
     (Fs = g − r), so the solve costs ``cg_iters`` products and no more.
+
+    Data-parallel: with each process's ``objective`` on its share of the data, ``reduce`` combines
+    the gradient, every Fisher-vector product and the line search's loss and KL, so that every
+    process takes the same step.
     """
     loss, kl = objective(params)
-    grad = flatten(dict(zip(params, torch.autograd.grad(loss, list(params.values()),
-                                                        retain_graph=True), strict=True)))
+    grad = reduce(flatten(dict(zip(params, torch.autograd.grad(
+        loss, list(params.values()), retain_graph=True), strict=True))))
     reuse = hvp == "exact" and curvature is None
-    fvp = hessian_vector_product(curvature or (lambda p: objective(p)[1]), params, mode=hvp,
-                                 damping=cg_damping, value=kl if reuse else None)
-    direction, residual = conjugate_gradient(fvp, grad, iters=cg_iters)
+    local_fvp = hessian_vector_product(curvature or (lambda p: objective(p)[1]), params,
+                                       mode=hvp, damping=cg_damping, value=kl if reuse else None)
+    direction, residual = conjugate_gradient(lambda v: reduce(local_fvp(v)), grad,
+                                             iters=cg_iters)
     shs = 0.5 * (direction @ (grad - residual))
-    loss_before = float(loss.detach())
+    loss_before = float(reduce(loss.detach()))
     if not shs > 0:
         return TRPOResult({n: p.detach() for n, p in params.items()}, False, 0.0, loss_before,
                           loss_before, 0.0)
     full_step = direction * torch.sqrt(max_kl / shs)
     return line_search(objective, params, full_step, loss_before, max_kl=max_kl,
-                       steps=ls_steps, backtrack=ls_backtrack)
+                       steps=ls_steps, backtrack=ls_backtrack, reduce=reduce)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import yaml
@@ -181,9 +181,16 @@ class Trainer:
             bar.set_postfix({k.split("/")[-1]: round(v, 4) for k, v in record.items() if "/" in k})
 
 
+class Stoppable(Protocol):
+    """A training loop that checks ``_stop_signal`` after every iteration."""
+
+    _stop_signal: int | None
+
+
 @contextmanager
-def stop_on_signals(trainer: Trainer) -> Iterator[None]:
-    """SIGINT/SIGTERM finish the current iteration, write a checkpoint and return cleanly."""
+def stop_on_signals(trainer: Stoppable) -> Iterator[None]:
+    """SIGINT/SIGTERM set ``trainer._stop_signal``; the loop then finishes the current iteration,
+    writes a checkpoint and returns cleanly."""
 
     def handler(signum: int, _frame: Any) -> None:
         trainer._stop_signal = signum

@@ -23,6 +23,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from metagrad.distributed import Distributed
 from metagrad.errors import CheckpointError, ConfigError, TrainingDivergedError
 from metagrad.rl.envs import canonical_env_name
 from metagrad.rl.maml_rl import MAMLRL, RLConfig
@@ -81,11 +82,12 @@ def read_rl_config(run_dir: Path) -> RLConfig:
     return RLConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
 
 
-def make_learners(cfg: RLConfig) -> dict[str, MAMLRL]:
+def make_learners(cfg: RLConfig, distributed: Distributed | None = None) -> dict[str, MAMLRL]:
     """The configured method and, with ``baseline`` (and method maml), the pretrained policy."""
-    learners = {METHOD_NAMES[cfg.method]: MAMLRL(cfg)}
+    learners = {METHOD_NAMES[cfg.method]: MAMLRL(cfg, distributed=distributed)}
     if cfg.baseline and cfg.method == "maml":
-        learners["pretrained"] = MAMLRL(dataclasses.replace(cfg, method="pretrain"))
+        learners["pretrained"] = MAMLRL(dataclasses.replace(cfg, method="pretrain"),
+                                        distributed=distributed)
     return learners
 
 
@@ -108,12 +110,17 @@ def load_learners(learners: dict[str, MAMLRL], state: dict[str, Any]) -> None:
 
 class RLTrainer:
     """Meta-trains every learner on the same task batches (drawn by the first learner's
-    generator, so MAML's run does not depend on whether the baseline is trained)."""
+    generator, so MAML's run does not depend on whether the baseline is trained).
+
+    Under ``torchrun`` every process trains its share of each task batch
+    (:meth:`MAMLRL.meta_step`); rank 0 alone logs and writes checkpoints, after checking that
+    every process holds the same parameters."""
 
     def __init__(self, cfg: RLConfig, run_dir: Path) -> None:
         self.config = cfg
         self.run_dir = run_dir
-        self.learners = make_learners(cfg)
+        self.dist = Distributed.from_environment()
+        self.learners = make_learners(cfg, self.dist)
         self.iteration = 0
         self.best: float | None = None
         """Best post-update return of the first learner at a checkpoint iteration."""
@@ -163,27 +170,42 @@ class RLTrainer:
 
     def train(self, progress: bool = True) -> None:
         cfg = self.config
+        main = self.dist.is_main
         watched = f"{next(iter(self.learners))}/post_return"
-        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not progress,
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not (progress and main),
                    dynamic_ncols=True, desc=f"{cfg.env}/{cfg.method}")
         started = time.perf_counter()
-        with stop_on_signals(self), bar, (self.run_dir / "metrics.jsonl").open("a") as log:
+        log = (self.run_dir / "metrics.jsonl").open("a") if main else None
+        with stop_on_signals(self), bar:
             while self.iteration < cfg.iterations:
                 record = self.step()
                 bar.update(1)
                 self._log_and_checkpoint(record, record[watched], log, bar, started)
-                if self._stop_signal is not None:
-                    self.checkpoints.save(self.state(), self.iteration)
+                if self.dist.any(self._stop_signal is not None):
+                    self._save()
                     bar.write(f"stopped by a signal at iteration {self.iteration}; "
                               "continue with --resume")
                     self.stopped = True
                     break
+        if log is not None:
+            log.close()
 
-    def _log_and_checkpoint(self, record: dict[str, float], watched: float, log: TextIO,
+    def _save(self, best: bool = False) -> None:
+        """A checkpoint by rank 0, once every rank is known to hold the same parameters."""
+        weights = torch.cat([p.detach().reshape(-1) for learner in self.learners.values()
+                             for p in learner.policy.parameters()])
+        if not self.dist.in_sync(weights):
+            raise TrainingDivergedError(
+                f"the processes' parameters differ at iteration {self.iteration}; the last good "
+                f"checkpoint is kept in {self.checkpoints.directory}")
+        if self.dist.is_main:
+            self.checkpoints.save(self.state(), self.iteration, best=best)
+
+    def _log_and_checkpoint(self, record: dict[str, float], watched: float, log: TextIO | None,
                             bar: tqdm, started: float) -> None:
         cfg = self.config
         last = self.iteration == cfg.iterations
-        if self.iteration % cfg.log_every == 0 or last:
+        if log is not None and (self.iteration % cfg.log_every == 0 or last):
             log.write(json.dumps({"iteration": self.iteration,
                                   "seconds": round(time.perf_counter() - started, 3),
                                   **record}) + "\n")
@@ -195,7 +217,7 @@ class RLTrainer:
             best = self.best is None or watched > self.best
             if best:
                 self.best = watched
-            self.checkpoints.save(self.state(), self.iteration, best=best)
+            self._save(best=best)
 
 
 def train_rl(cfg: RLConfig | None, run_dir: str | Path, resume: bool = False,
@@ -218,10 +240,12 @@ def train_rl(cfg: RLConfig | None, run_dir: str | Path, resume: bool = False,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     trainer = RLTrainer(cfg, run_dir)
-    write_rl_config(cfg, run_dir)
+    if trainer.dist.is_main:
+        write_rl_config(cfg, run_dir)
     if resume and not trainer.resume():
         raise CheckpointError(f"nothing to resume: {checkpoints} holds no checkpoint")
     trainer.train(progress=progress)
+    trainer.dist.barrier()
     return trainer
 
 
