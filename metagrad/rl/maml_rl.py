@@ -74,11 +74,12 @@ class RLConfig:
     seed: int = 0
     hvp: HVPMode = "exact"
     """Hessian-of-KL products: double backward (``exact``) or ``finite_difference``."""
-    fvp_fraction: float = 1.0
+    fvp_fraction: float = 0.25
     """Share of the meta-batch's tasks (drawn afresh each iteration) on which the KL's Hessian,
     the trust-region metric, is computed: the subsampled Fisher-vector products of TRPO
-    (Schulman et al. 2015, App. C.1). 1.0 = all tasks (the paper's MAML code); the gradient and
-    the line search's KL check always use every task."""
+    (Schulman et al. 2015, App. C.1). The gradient and the line search's KL check always use
+    every task. 1.0 = all tasks, as the authors' code; 0.25 measured 2.9× faster per
+    meta-iteration on 2-D navigation with the same learning per iteration (README)."""
     nav_normalized_actions: bool = True
     """2-D navigation: the policy acts in units of the action bound, the move being
     clip(0.1·a, ±0.1) (rllab's ``normalize`` wrapper, as in the authors' code), rather than
