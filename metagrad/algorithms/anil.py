@@ -31,6 +31,9 @@ class ANIL(MAML):
                               f"model has: {', '.join(n for n, _ in model.named_children())}"
                               ) from None
         kwargs.pop("adapt", None)
+        if kwargs.get("checkpoint_inner_steps"):
+            raise ConfigError("ANIL's inner steps touch only the head, whose graph is small; "
+                              "checkpoint_inner_steps is for MAML, Meta-SGD, MAML++ and CAVIA")
         super().__init__(model, loss_fn, inner_lr, adapt=head, **kwargs)
         self.head_name = head
         self._head = [self_head]  # a list, so that nn.Module does not register it twice

@@ -6,13 +6,20 @@ Second order keeps the graph of every gradient so that ∇_θ L_query(θ'_K) is 
 meta-gradient (Eq. 3). First order (FOMAML) treats each inner gradient as a constant: the
 gradient is taken at a detached copy of θ'ₖ, so no graph of the inner backward is built at all,
 yet θ'ₖ₊₁ still depends on θ (identity Jacobian) and on a learned α.
+
+Memory-saving mode (``checkpoint=True``, second order only): each step keeps only its inputs
+(θ'ₖ and α), not the activations and inner-backward graph of the support loss; the meta-backward
+recomputes one step at a time and returns its exact vector-Jacobian product: v − ∇²L(θ'ₖ)(α ⊙ v)
+for θ'ₖ and −v ⊙ ∇L(θ'ₖ) for α (see :class:`_RecomputedStep`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 
+import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.func import grad
 
 from metagrad.core.functional import Params
@@ -45,18 +52,105 @@ def gradient_step(loss_fn: Callable[[Params], Tensor], params: Params, names: Co
     return {**params, **new}
 
 
+class _RecomputedStep(torch.autograd.Function):
+    """One second-order inner step whose graph is not kept: ``forward`` computes
+    θ'ₖ₊₁ = θ'ₖ − α ∇L(θ'ₖ) without recording anything and saves only its inputs; ``backward``
+    re-runs the step with the graph of ∇L (deterministically: same inputs, same random state) and
+    back-propagates the incoming gradient through it, which is exactly the vector-Jacobian product
+    of the step. Only one step's graph is alive at a time during the meta-backward.
+
+    ``once_differentiable``: the meta-gradient itself cannot be differentiated again (asking for
+    it raises an error instead of returning a wrong value)."""
+
+    @staticmethod
+    def forward(ctx, run: Callable[..., tuple[Tensor, ...]], *inputs: Tensor  # type: ignore[override]
+                ) -> tuple[Tensor, ...]:
+        ctx.run = run
+        ctx.rng_state = torch.get_rng_state()
+        ctx.save_for_backward(*inputs)
+        return run(*inputs)  # grad mode is off here: torch.func.grad still differentiates
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outputs: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        inputs = [t.detach().requires_grad_(t.is_floating_point() or t.is_complex())
+                  for t in ctx.saved_tensors]
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            torch.set_rng_state(ctx.rng_state)
+            outputs = ctx.run(*inputs)
+        _refuse_closure_leaves(outputs, inputs)
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad[1:]) if need]
+        grads = torch.autograd.grad(outputs, [inputs[i] for i in wanted], grad_outputs,
+                                    allow_unused=True, materialize_grads=True)
+        result: list[Tensor | None] = [None] * len(inputs)
+        for i, g in zip(wanted, grads, strict=True):
+            result[i] = g
+        return (None, *result)
+
+
+def _refuse_closure_leaves(outputs: tuple[Tensor, ...], inputs: list[Tensor]) -> None:
+    """The recomputed graph may only reach the step's own inputs: a tensor needing gradients
+    that the loss read from its closure would silently get no gradient through the step."""
+    own = {id(t) for t in inputs}
+    seen: set[torch.autograd.graph.Node] = set()
+    stack = [o.grad_fn for o in outputs if o.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) not in own:
+            raise RuntimeError(
+                "checkpointed inner step: the support loss uses a tensor that needs gradients "
+                f"(shape {tuple(variable.shape)}) but is not a parameter of the step; pass it in "
+                "params, or use checkpoint=False")
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+
+
+def recomputed_gradient_step(loss_fn: Callable[[Params], Tensor], params: Params,
+                             names: Collection[str], lr: LearningRate, step: int) -> Params:
+    """The second-order :func:`gradient_step`, identical in value and meta-gradient, whose
+    activations are recomputed during the backward pass instead of stored.
+
+    The step is differentiated with respect to ``params`` and the tensor rates α only: tensors
+    that ``loss_fn`` reads from its closure must not need gradients (data, buffers), else their
+    gradient through this step would be lost (the backward pass raises an error)."""
+    names = list(names)
+    keys = list(params)
+    rates = {n: learning_rate_at(lr, step, n) for n in names}
+    rate_names = [n for n in names if isinstance(rates[n], Tensor)]
+
+    def run(*flat: Tensor) -> tuple[Tensor, ...]:
+        p = dict(zip(keys, flat[:len(keys)], strict=True))
+        r = {**rates, **dict(zip(rate_names, flat[len(keys):], strict=True))}
+        new = gradient_step(loss_fn, p, names, r, step, first_order=False)
+        return tuple(new[n] for n in names)
+
+    flat = [params[k] for k in keys] + [rates[n] for n in rate_names]  # type: ignore[misc]
+    new = _RecomputedStep.apply(run, *flat)
+    return {**params, **dict(zip(names, new, strict=True))}
+
+
 def inner_loop(loss_fn: Callable[[Params], Tensor], params: Params, *, steps: int, lr: LearningRate,
                first_order: bool = False, adapt: Collection[str] | None = None,
-               trajectory: bool = False) -> Params | list[Params]:
+               trajectory: bool = False, checkpoint: bool = False) -> Params | list[Params]:
     """K = ``steps`` gradient steps on ``loss_fn`` starting from ``params``.
 
     ``adapt`` names the parameters that move (default: all). With ``trajectory=True`` the list
-    [θ'₀, …, θ'_K] is returned (for MAML++'s multi-step loss), else θ'_K.
+    [θ'₀, …, θ'_K] is returned (for MAML++'s multi-step loss), else θ'_K. ``checkpoint=True``
+    (second order, with gradients enabled): the steps' activations are recomputed during the
+    backward pass instead of stored (:func:`recomputed_gradient_step`); it has no effect in
+    first order, which keeps no inner graph.
     """
     if steps < 0:
         raise ValueError(f"inner steps must be >= 0, got {steps}")
     names = list(params) if adapt is None else list(adapt)
+    recompute = checkpoint and not first_order and torch.is_grad_enabled()
     path = [params]
     for k in range(steps):
-        path.append(gradient_step(loss_fn, path[-1], names, lr, k, first_order))
+        if recompute:
+            path.append(recomputed_gradient_step(loss_fn, path[-1], names, lr, k))
+        else:
+            path.append(gradient_step(loss_fn, path[-1], names, lr, k, first_order))
     return path if trajectory else path[-1]
