@@ -2,6 +2,7 @@
 
 from metagrad.algorithms.anil import ANIL
 from metagrad.algorithms.baselines import Pretrained
+from metagrad.algorithms.blackbox import BlackBox
 from metagrad.algorithms.cavia import CAVIA
 from metagrad.algorithms.imaml import IMAML
 from metagrad.algorithms.maml import MAML
@@ -11,6 +12,6 @@ from metagrad.algorithms.reptile import Reptile
 from metagrad.errors import MetagradError
 from metagrad.tasks.base import TaskBatch
 
-__all__ = ["ANIL", "CAVIA", "IMAML", "MAML", "MAMLpp", "MetaSGD", "MetagradError", "Pretrained",
-           "Reptile", "TaskBatch"]
+__all__ = ["ANIL", "CAVIA", "IMAML", "MAML", "BlackBox", "MAMLpp", "MetaSGD", "MetagradError",
+           "Pretrained", "Reptile", "TaskBatch"]
 __version__ = "0.1.0"

@@ -25,8 +25,11 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     for name in dict.fromkeys([*FIELDS, *RL_FIELDS]):
         if name == "task":
             continue
+        # a yes/no setting also works as a bare flag: --first-order means --first-order true
+        switch = (isinstance(FIELDS[name].default, bool) if name in FIELDS
+                  else RL_FIELDS.get(name) is bool)
         group.add_argument(f"--{name.replace('_', '-')}", dest=f"set_{name}", metavar="VALUE",
-                           default=None)
+                           default=None, **({"nargs": "?", "const": "true"} if switch else {}))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,12 +113,12 @@ def _train_rl(args: argparse.Namespace, settings: dict[str, Any]) -> None:
         out = Path(args.out or f"runs/rl-{cfg.env}-{time.strftime('%Y%m%d-%H%M%S')}")
         print(f"run directory: {out}")
         trainer = train_rl(cfg, out, progress=not args.no_progress)
-    if not (trainer.stopped or args.no_eval):
+    if not (trainer.stopped or args.no_eval or not trainer.dist.is_main):
         print_rl_eval(out)
 
 
 def _print_eval(run_dir: Path, **kwargs: Any) -> None:
-    from metagrad.training.report import evaluate_run, format_table
+    from metagrad.training.report import conditioning_only, evaluate_run, format_table
 
     rows, figures = evaluate_run(run_dir, **kwargs)
     metric = "accuracy" if rows and rows[0].ways is not None else "mse"
@@ -123,6 +126,9 @@ def _print_eval(run_dir: Path, **kwargs: Any) -> None:
     steps = sorted({r.steps for r in rows})
     shown = tuple(s for s in steps if s in (0, 1, 3, 5, 10) or s == steps[-1])
     print(format_table(rows, metric, shown))
+    for method in conditioning_only(rows):
+        print(f"({method} takes no gradient steps: its 0-steps column is its {metric} after "
+              "conditioning on the support set)")
     print(f"\nwrote {run_dir / 'eval.json'}")
     for f in figures:
         print(f"figure: {f}")

@@ -18,7 +18,7 @@ import yaml
 from metagrad.errors import ConfigError
 
 TASKS = ("sinusoid", "omniglot", "miniimagenet")
-ALGORITHMS = ("maml", "metasgd", "mamlpp", "anil", "reptile", "imaml", "cavia")
+ALGORITHMS = ("maml", "metasgd", "mamlpp", "anil", "reptile", "imaml", "cavia", "blackbox")
 MODELS = ("auto", "conv", "mlp")
 
 
@@ -44,6 +44,7 @@ class ExperimentConfig:
     transductive: bool = True
     batching: str = "auto"
     compile: bool = False
+    checkpoint_inner_steps: bool = False
     # algorithm-specific (used by the algorithm named in the key)
     mamlpp_multi_step_loss: bool = True
     mamlpp_msl_epochs: int = 10
@@ -53,6 +54,9 @@ class ExperimentConfig:
     imaml_lambda: float = 1.0
     imaml_cg_iterations: int = 5
     cavia_context_dim: int = 5
+    blackbox_width: int = 128
+    blackbox_layers: int = 2
+    blackbox_heads: int = 4
     # outer loop
     meta_batch: int = 25
     meta_lr: float = 1e-3
@@ -112,6 +116,16 @@ class ExperimentConfig:
         if self.compile and self.algo in ("reptile", "imaml", "mamlpp"):
             raise ConfigError(f"compile is available for maml, metasgd, anil and cavia, not "
                               f"{self.algo} (its outer step is not one differentiable loss)")
+        if self.algo == "blackbox":
+            self._validate_blackbox()
+        if self.checkpoint_inner_steps:
+            if self.algo in ("anil", "reptile", "imaml"):
+                raise ConfigError(
+                    f"checkpoint_inner_steps saves the memory of second-order inner steps (maml, "
+                    f"metasgd, mamlpp, cavia); {self.algo} keeps no large inner graph")
+            if self.compile or self.batching == "vmap":
+                raise ConfigError("checkpoint_inner_steps works with looped tasks only: remove "
+                                  "compile and batching=vmap")
         if self.algo == "imaml" and self.learn_inner_lr:
             raise ConfigError("imaml uses a fixed inner rate: remove learn_inner_lr")
         if self.task == "omniglot" and self.split not in ("paper", "background"):
@@ -119,6 +133,29 @@ class ExperimentConfig:
         if self.ways < 2 and self.task != "sinusoid":
             raise ConfigError(f"classification needs ways >= 2, got {self.ways}")
         return self
+
+    def _validate_blackbox(self) -> None:
+        """The black box has no inner loop: refuse the inner-loop switches a user may set on
+        purpose (inner_lr, inner_steps and transductive, which presets set, are ignored)."""
+        for name in ("blackbox_width", "blackbox_layers", "blackbox_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.blackbox_width % self.blackbox_heads:
+            raise ConfigError(f"blackbox_width={self.blackbox_width} must be divisible by "
+                              f"blackbox_heads={self.blackbox_heads}")
+        no_inner_loop = "blackbox conditions on the support set and takes no inner gradient steps"
+        if self.first_order:
+            raise ConfigError(f"{no_inner_loop}: first_order does not apply; remove it")
+        if self.learn_inner_lr:
+            raise ConfigError(f"{no_inner_loop}: there is no inner rate to learn; remove "
+                              "learn_inner_lr")
+        if self.compile:
+            raise ConfigError("compile is available for maml, metasgd, anil and cavia, not "
+                              "blackbox (a plain network forward; nothing to fuse)")
+        if self.batching != "auto":
+            raise ConfigError(f"{no_inner_loop}: batching={self.batching!r} does not apply (all "
+                              "tasks go through one batched forward pass); remove it")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,6 +13,7 @@ from torch import nn
 
 from metagrad.algorithms.anil import ANIL
 from metagrad.algorithms.baselines import Pretrained
+from metagrad.algorithms.blackbox import BlackBox
 from metagrad.algorithms.cavia import CAVIA
 from metagrad.algorithms.imaml import IMAML
 from metagrad.algorithms.maml import MAML
@@ -25,11 +26,15 @@ from metagrad.models.mlp import MLP, omniglot_mlp, sinusoid_mlp
 from metagrad.tasks.base import TaskSampler
 from metagrad.tasks.sinusoid import SinusoidTasks
 
+Learner = MAML | BlackBox
+"""What the trainer trains: a gradient-based learner (the MAML family, whose evaluation takes
+inner steps) or the black-box baseline (which conditions on the support set)."""
+
 
 @dataclass
 class Experiment:
     config: ExperimentConfig
-    learners: dict[str, MAML]
+    learners: dict[str, Learner]
     """The configured algorithm under its name (``config.algo``) and, when configured, the
     ``"pretrained"`` baseline."""
     train_tasks: TaskSampler
@@ -42,7 +47,7 @@ class Experiment:
     """JSON-able records the trainer saves in the run directory (e.g. the data split)."""
 
     @property
-    def learner(self) -> MAML:
+    def learner(self) -> Learner:
         """The meta-learner being trained (``config.algo``)."""
         return self.learners[self.config.algo]
 
@@ -57,6 +62,8 @@ def make_learner(cfg: ExperimentConfig, cls: type[MAML], model: nn.Module, metri
         transductive=cfg.transductive, batching=cfg.batching, compile=cfg.compile)
     if cls in (MAML, Pretrained, Reptile, ANIL):
         common["learn_inner_lr"] = cfg.learn_inner_lr
+    if cfg.checkpoint_inner_steps and cls in (MAML, MAMLpp, MetaSGD, CAVIA):
+        common["checkpoint_inner_steps"] = True
     if cls is MAMLpp:
         common.update(multi_step_loss=cfg.mamlpp_multi_step_loss, msl_epochs=cfg.mamlpp_msl_epochs,
                       first_order_epochs=cfg.mamlpp_first_order_epochs,
@@ -70,9 +77,18 @@ def make_learner(cfg: ExperimentConfig, cls: type[MAML], model: nn.Module, metri
     return cls(model, loss, **common)
 
 
-ALGORITHM_CLASSES: dict[str, type[MAML]] = {
+def make_blackbox(cfg: ExperimentConfig, model: nn.Module, metric: str) -> BlackBox:
+    """The black box whose encoder is the task's model without its head (the MLP body for
+    sinusoid, the Conv4 feature extractor or the MLP body for images)."""
+    classes = cfg.ways if metric == "accuracy" else None
+    loss = F.mse_loss if metric == "mse" else F.cross_entropy
+    return BlackBox.from_model(model, loss, classes=classes, width=cfg.blackbox_width,
+                               layers=cfg.blackbox_layers, heads=cfg.blackbox_heads)
+
+
+ALGORITHM_CLASSES: dict[str, type[MAML] | type[BlackBox]] = {
     "maml": MAML, "metasgd": MetaSGD, "mamlpp": MAMLpp, "anil": ANIL, "reptile": Reptile,
-    "imaml": IMAML, "cavia": CAVIA,
+    "imaml": IMAML, "cavia": CAVIA, "blackbox": BlackBox,
 }
 
 
@@ -124,8 +140,11 @@ def build(cfg: ExperimentConfig) -> Experiment:
     model = exp.make_model()
     # CAVIA's network also reads the context vector (sinusoid only, see config validation)
     learner_model = MLP([1 + cfg.cavia_context_dim, 40, 40, 1]) if cfg.algo == "cavia" else model
-    exp.learners[cfg.algo] = make_learner(cfg, ALGORITHM_CLASSES[cfg.algo], learner_model,
-                                          exp.metric)
+    cls = ALGORITHM_CLASSES[cfg.algo]
+    if issubclass(cls, BlackBox):
+        exp.learners[cfg.algo] = make_blackbox(cfg, copy.deepcopy(model), exp.metric)
+    else:
+        exp.learners[cfg.algo] = make_learner(cfg, cls, learner_model, exp.metric)
     if cfg.baseline:
         exp.learners["pretrained"] = make_learner(cfg, Pretrained, copy.deepcopy(model),
                                                   exp.metric)

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
+from metagrad.algorithms.blackbox import BlackBox
 from metagrad.algorithms.maml import MAML
 from metagrad.tasks.sinusoid import SinusoidTasks
 from metagrad.training.evaluation import EvalRow
@@ -24,6 +25,11 @@ def plot_metric_vs_steps(rows: list[EvalRow], metric: str, path: Path) -> Path:
         steps = [r.steps for r in sel]
         mean = torch.tensor([r.mean for r in sel])
         ci = torch.tensor([r.ci95 for r in sel])
+        if steps == [0]:  # no gradient steps (the black box): one point, its level dotted
+            line = ax.errorbar(steps, mean, yerr=ci, marker="s", ms=5, capsize=3,
+                               label=f"{method}, K={shots} (conditioned, no steps)").lines[0]
+            ax.axhline(float(mean[0]), color=line.get_color(), ls=":", lw=1)
+            continue
         line = ax.plot(steps, mean, marker="o", ms=3, label=f"{method}, K={shots}")[0]
         ax.fill_between(steps, mean - ci, mean + ci, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("number of gradient steps")
@@ -37,11 +43,12 @@ def plot_metric_vs_steps(rows: list[EvalRow], metric: str, path: Path) -> Path:
     return path
 
 
-def plot_sinusoid_predictions(learners: dict[str, MAML], shots: int, path: Path,
+def plot_sinusoid_predictions(learners: dict[str, MAML | BlackBox], shots: int, path: Path,
                               generator: torch.Generator, steps: tuple[int, ...] = (0, 1, 10),
                               panels: int = 2) -> Path:
     """For ``panels`` test tasks and each learner: the true function, the K support points and the
-    prediction after each number of ``steps`` (MAML Fig. 2)."""
+    prediction after each number of ``steps`` (MAML Fig. 2); a black box's one prediction,
+    conditioned on the support points."""
     tasks = SinusoidTasks(shots=shots, queries=1)
     amp, phase = tasks.sample_functions(panels, generator)
     batch = tasks.batch_for(amp, phase, generator)
@@ -50,17 +57,17 @@ def plot_sinusoid_predictions(learners: dict[str, MAML], shots: int, path: Path,
     fig, axes = plt.subplots(panels, len(learners), figsize=(4.5 * len(learners), 3.2 * panels),
                              squeeze=False)
     for col, (name, learner) in enumerate(learners.items()):
-        theta = {n: p.detach() for n, p in learner.params().items()}
         for row in range(panels):
             ax = axes[row][col]
             ax.plot(grid[0, :, 0], truth[row, :, 0], "r-", lw=1.5, label="ground truth")
-            path_params = learner.adapt(batch.support_x[row], batch.support_y[row], max(steps),
-                                        first_order=True, trajectory=True, params=theta)
-            for k in steps:
-                with torch.no_grad():
-                    pred = learner.functional_forward(path_params[k], grid[0])
-                ax.plot(grid[0, :, 0], pred[:, 0], "--" if k == 0 else "-", lw=1,
-                        label=f"{name}, {k} step{'s' if k != 1 else ''}")
+            if isinstance(learner, BlackBox):
+                pred = learner.predict(batch.support_x[row:row + 1],
+                                       batch.support_y[row:row + 1], grid)
+                ax.plot(grid[0, :, 0], pred[0, :, 0], "-", lw=1,
+                        label=f"{name}, conditioned on the support set")
+            else:
+                _plot_steps(ax, name, learner, batch.support_x[row], batch.support_y[row], grid,
+                            steps)
             ax.plot(batch.support_x[row, :, 0], batch.support_y[row, :, 0], "k^",
                     label="support points")
             ax.set_ylim(-5.5, 5.5)
@@ -71,3 +78,15 @@ def plot_sinusoid_predictions(learners: dict[str, MAML], shots: int, path: Path,
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _plot_steps(ax: plt.Axes, name: str, learner: MAML, support_x: torch.Tensor,
+                support_y: torch.Tensor, grid: torch.Tensor, steps: tuple[int, ...]) -> None:
+    theta = {n: p.detach() for n, p in learner.params().items()}
+    path_params = learner.adapt(support_x, support_y, max(steps), first_order=True,
+                                trajectory=True, params=theta)
+    for k in steps:
+        with torch.no_grad():
+            pred = learner.functional_forward(path_params[k], grid[0])
+        ax.plot(grid[0, :, 0], pred[:, 0], "--" if k == 0 else "-", lw=1,
+                label=f"{name}, {k} step{'s' if k != 1 else ''}")

@@ -63,5 +63,14 @@ def format_table(rows: list[EvalRow], metric: str, steps_shown: tuple[int, ...] 
         cells = {r.steps: r for r in rows if r.method == method and r.shots == shots}
         scale = 100 if metric == "accuracy" else 1
         lines.append(f"{method:<12}{shots:>6}  " + "  ".join(
-            f"{cells[s].mean * scale:>8.3f}±{cells[s].ci95 * scale:<6.3f}" for s in cols))
+            f"{cells[s].mean * scale:>8.3f}±{cells[s].ci95 * scale:<6.3f}" if s in cells
+            else f"{'-':>8} {'':<6}" for s in cols))
     return "\n".join(lines)
+
+
+def conditioning_only(rows: list[EvalRow]) -> list[str]:
+    """Methods evaluated at 0 steps only (the black box: no gradient steps to take)."""
+    steps: dict[str, set[int]] = {}
+    for r in rows:
+        steps.setdefault(r.method, set()).add(r.steps)
+    return [m for m, s in steps.items() if s == {0} and any(v != {0} for v in steps.values())]
