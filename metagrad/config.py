@@ -50,6 +50,7 @@ class ExperimentConfig:
     mamlpp_msl_epochs: int = 10
     mamlpp_first_order_epochs: int = 0
     mamlpp_step_lrs: bool = True
+    mamlpp_per_step_bn: bool = False
     iterations_per_epoch: int = 500
     imaml_lambda: float = 1.0
     imaml_cg_iterations: int = 5

@@ -27,6 +27,7 @@ from metagrad.core.functional import (
     select_names,
 )
 from metagrad.core.inner_loop import LearningRate, inner_loop
+from metagrad.core.per_step_norm import per_step_norms
 from metagrad.core.rates import InnerLearningRates
 from metagrad.errors import ConfigError
 from metagrad.tasks.base import TaskBatch
@@ -65,6 +66,13 @@ class MAML(nn.Module):
             inner gradient, one step at a time (exact: the same meta-gradient). Costs about one
             more support forward and backward per inner step; tasks are looped (not vmapped).
             No effect in first order. The meta-gradient cannot be differentiated again.
+
+    Per-step BatchNorm: layers of ``model`` that are
+    :class:`~metagrad.core.per_step_norm.PerStepBatchNorm` (found at construction) are told
+    before every forward which parameters they see: slot k for θ'ₖ (the support loss of inner
+    step k + 1, the query loss after k steps, evaluation after k steps). MAML++ sets them up
+    with ``per_step_bn=True``; any model holding them works with every algorithm built on
+    :meth:`functional_forward`.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.01,
@@ -107,6 +115,9 @@ class MAML(nn.Module):
         self.compile = compile
         self.checkpoint_inner_steps = bool(checkpoint_inner_steps)
         self._compiled_gradient: Callable[..., tuple[Params, Tensor]] | None = None
+        # per-step BatchNorm layers (MAML++ BNWB/BNRS), told the step before each forward;
+        # a plain list (not registered again); empty for ordinary models
+        self._per_step_norms = per_step_norms(model)
 
     # -- the functional pieces -------------------------------------------------------------
     def params(self) -> Params:
@@ -118,13 +129,19 @@ class MAML(nn.Module):
 
     def functional_forward(self, params: Params, x: Tensor,
                            buffers: dict[str, Tensor] | None = None, *,
-                           batch_statistics: bool | None = None) -> Tensor:
+                           batch_statistics: bool | None = None,
+                           step: int | None = None) -> Tensor:
         """The model's output on ``x`` with parameters ``params`` (e.g. from :meth:`adapt`).
 
         ``buffers`` default to copies of the model's, so the model's own are never written.
         ``batch_statistics`` forces BatchNorm to use the batch's statistics (default: the
-        ``transductive`` setting)."""
+        ``transductive`` setting). ``step``: the number k of inner steps that produced
+        ``params`` (θ'ₖ), which selects slot k of per-step BatchNorm layers
+        (:class:`~metagrad.core.per_step_norm.PerStepBatchNorm`); ``None``: their last slot.
+        No effect on models without such layers."""
         buffers = self.functional.buffers() if buffers is None else buffers
+        for norm in self._per_step_norms:
+            norm.step = step
         if self.transductive if batch_statistics is None else batch_statistics:
             with batch_norm_uses_batch_statistics(self.model):
                 return self.functional(params, buffers, x)
@@ -132,9 +149,10 @@ class MAML(nn.Module):
 
     def loss(self, params: Params, x: Tensor, y: Tensor,
              buffers: dict[str, Tensor] | None = None, *,
-             batch_statistics: bool | None = None) -> Tensor:
+             batch_statistics: bool | None = None, step: int | None = None) -> Tensor:
         """``loss_fn(model(x; params), y)``."""
-        out = self.functional_forward(params, x, buffers, batch_statistics=batch_statistics)
+        out = self.functional_forward(params, x, buffers, batch_statistics=batch_statistics,
+                                      step=step)
         return self.loss_fn(out, y)
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None, *,
@@ -153,26 +171,43 @@ class MAML(nn.Module):
         buffers = self.functional.buffers() if buffers is None else buffers
         with double_backward_kernels(not first_order):
             return inner_loop(
-                lambda p: self.loss(p, support_x, support_y, buffers, batch_statistics=True),
+                lambda p, step: self.loss(p, support_x, support_y, buffers,
+                                          batch_statistics=True, step=step),
                 self.params() if params is None else params,
                 steps=steps, lr=self.learning_rate(), first_order=first_order,
                 adapt=self.adapted_names, trajectory=trajectory,
-                checkpoint=self.checkpoint_inner_steps,
+                checkpoint=self.checkpoint_inner_steps, step_aware=True,
             )
 
     def task_query_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                         query_y: Tensor, steps: int | None = None,
                         buffers: dict[str, Tensor] | None = None) -> Tensor:
-        """L_query(θ'_K) for one task; with :meth:`step_weights`, Σₖ wₖ L_query(θ'ₖ), k = 1..K."""
+        """L_query(θ'_K) for one task; with :meth:`step_weights`, Σₖ wₖ L_query(θ'ₖ), k = 1..K.
+
+        θ'ₖ is evaluated with slot k of per-step BatchNorm layers."""
         buffers = self.functional.buffers() if buffers is None else buffers
         steps = self.inner_steps if steps is None else steps
         weights = self.step_weights(steps)
-        if weights is None:
+        if weights is None and not self._tracks_per_step_statistics():
             adapted = self.adapt(support_x, support_y, steps, buffers=buffers)
-            return self.loss(adapted, query_x, query_y, buffers)
+            return self.loss(adapted, query_x, query_y, buffers, step=steps)
         path = self.adapt(support_x, support_y, steps, buffers=buffers, trajectory=True)
-        return sum(w * self.loss(p, query_x, query_y, buffers)
-                   for w, p in zip(weights, path[1:], strict=True))
+        terms = [(1.0, steps)] if weights is None else list(zip(weights, range(1, steps + 1),
+                                                                strict=True))
+        if self._tracks_per_step_statistics():
+            # BNRS: the running statistics of every slot that evaluation reads (θ'ₖ with slot k,
+            # k = 0..K) follow the queries' statistics at θ'ₖ, also at steps the loss leaves out
+            used = {k for _, k in terms}
+            with torch.no_grad():
+                for k, p in enumerate(path):
+                    if k not in used:
+                        self.functional_forward({n: t.detach() for n, t in p.items()},
+                                                query_x, buffers, step=k)
+        return sum(w * self.loss(path[k], query_x, query_y, buffers, step=k) for w, k in terms)
+
+    def _tracks_per_step_statistics(self) -> bool:
+        """Non-transductive meta-training of a model with per-step BatchNorm (BNRS)."""
+        return bool(self._per_step_norms) and not self.transductive and self.model.training
 
     def step_weights(self, steps: int) -> list[float] | None:
         """Weights of the query loss after each inner step (MAML++'s multi-step loss);

@@ -6,11 +6,18 @@
 * derivative-order annealing (DA): first order for the first ``first_order_epochs`` epochs,
   second order afterwards;
 * learned per-layer per-step inner rates (LSLR): one α per parameter tensor and inner step;
-* cosine annealing of the meta learning rate: a trainer setting (``meta_lr_schedule``).
+* cosine annealing of the meta learning rate: a trainer setting (``meta_lr_schedule``);
+* per-step BatchNorm (``per_step_bn=True``, off by default): every ``nn.BatchNorm1d/2d`` of the
+  model becomes a :class:`~metagrad.core.per_step_norm.PerStepBatchNorm` with K + 1 slots, the
+  parameters θ'ₖ after k inner steps being evaluated with slot k (support forward of step k + 1,
+  query loss after k steps, evaluation after k steps). BNWB: a γ, β per slot, learned in the
+  outer loop and, as in the paper's code, not adapted in the inner loop (pass ``adapt=`` to
+  choose otherwise). BNRS: with ``transductive=False``, running statistics per slot, updated
+  during meta-training from the queries at θ'ₖ and read by evaluation in eval mode.
 
 An epoch is ``iterations_per_epoch`` meta-iterations (500 in the paper). The iteration count is a
 buffer, so a resumed run continues the schedules where it stopped. With every switch off this is
-MAML exactly. (Per-step BatchNorm weights and statistics, BNWB/BNRS, are not implemented.)
+MAML exactly.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from metagrad.algorithms.maml import MAML, LossFn
+from metagrad.core.per_step_norm import per_step_batch_norm, per_step_norm_parameter_names
 from metagrad.core.rates import InnerLearningRates
 from metagrad.tasks.base import TaskBatch
 
@@ -40,9 +48,18 @@ class MAMLpp(MAML):
     def __init__(self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.1,
                  inner_steps: int = 5, *, multi_step_loss: bool = True, msl_epochs: int = 10,
                  first_order_epochs: int = 0, learn_step_lrs: bool = True,
-                 iterations_per_epoch: int = 500, **kwargs: Any) -> None:
+                 iterations_per_epoch: int = 500, per_step_bn: bool = False,
+                 **kwargs: Any) -> None:
         kwargs.pop("learn_inner_lr", None)
+        if per_step_bn and isinstance(model, nn.Module) and isinstance(inner_steps, int) \
+                and inner_steps >= 1:
+            # BNWB + BNRS: slot k for θ'ₖ, k = 0..K (``model`` is changed in place)
+            per_step_batch_norm(model, inner_steps + 1)
+            if kwargs.get("adapt") is None:  # the per-step γ, β are learned in the outer loop
+                bn_names = per_step_norm_parameter_names(model)
+                kwargs["adapt"] = [n for n, _ in model.named_parameters() if n not in bn_names]
         super().__init__(model, loss_fn, inner_lr, inner_steps, **kwargs)
+        self.per_step_bn = per_step_bn
         if learn_step_lrs:
             self.inner_rates = InnerLearningRates(self.params(), self.adapted_names, inner_lr,
                                                   per_element=False, per_step=True,

@@ -56,7 +56,10 @@ def _forward(self: _BatchNorm, x: Tensor) -> Tensor:
     if not _uses_batch_statistics_only(self):
         return type(self).forward(self, x)
     self._check_input_dim(x)
-    return batch_norm_batch_statistics(x, self.weight, self.bias, self.eps)
+    # layers with several affine pairs (PerStepBatchNorm) say which one is in use
+    affine_at_step = getattr(self, "affine_at_step", None)
+    weight, bias = affine_at_step() if affine_at_step is not None else (self.weight, self.bias)
+    return batch_norm_batch_statistics(x, weight, bias, self.eps)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ for θ'ₖ and −v ⊙ ∇L(θ'ₖ) for α (see :class:`_RecomputedStep`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Collection, Mapping
 
 import torch
@@ -132,16 +133,19 @@ def recomputed_gradient_step(loss_fn: Callable[[Params], Tensor], params: Params
     return {**params, **dict(zip(names, new, strict=True))}
 
 
-def inner_loop(loss_fn: Callable[[Params], Tensor], params: Params, *, steps: int, lr: LearningRate,
+def inner_loop(loss_fn: Callable[..., Tensor], params: Params, *, steps: int, lr: LearningRate,
                first_order: bool = False, adapt: Collection[str] | None = None,
-               trajectory: bool = False, checkpoint: bool = False) -> Params | list[Params]:
+               trajectory: bool = False, checkpoint: bool = False,
+               step_aware: bool = False) -> Params | list[Params]:
     """K = ``steps`` gradient steps on ``loss_fn`` starting from ``params``.
 
     ``adapt`` names the parameters that move (default: all). With ``trajectory=True`` the list
     [θ'₀, …, θ'_K] is returned (for MAML++'s multi-step loss), else θ'_K. ``checkpoint=True``
     (second order, with gradients enabled): the steps' activations are recomputed during the
     backward pass instead of stored (:func:`recomputed_gradient_step`); it has no effect in
-    first order, which keeps no inner graph.
+    first order, which keeps no inner graph. ``step_aware=True``: ``loss_fn(params, step=k)`` is
+    called with the index k of the step it serves (the loss at θ'ₖ, k = 0..K-1; MAML++'s per-step
+    BatchNorm), also when the step is recomputed.
     """
     if steps < 0:
         raise ValueError(f"inner steps must be >= 0, got {steps}")
@@ -149,8 +153,9 @@ def inner_loop(loss_fn: Callable[[Params], Tensor], params: Params, *, steps: in
     recompute = checkpoint and not first_order and torch.is_grad_enabled()
     path = [params]
     for k in range(steps):
+        step_loss = functools.partial(loss_fn, step=k) if step_aware else loss_fn
         if recompute:
-            path.append(recomputed_gradient_step(loss_fn, path[-1], names, lr, k))
+            path.append(recomputed_gradient_step(step_loss, path[-1], names, lr, k))
         else:
-            path.append(gradient_step(loss_fn, path[-1], names, lr, k, first_order))
+            path.append(gradient_step(step_loss, path[-1], names, lr, k, first_order))
     return path if trajectory else path[-1]

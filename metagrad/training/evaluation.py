@@ -55,7 +55,8 @@ def per_step_metrics(learner: MAML | BlackBox, sampler: TaskSampler, num_tasks: 
         path = learner.adapt(sx, sy, max_steps, first_order=True, trajectory=True, params=theta)
         with torch.no_grad():
             return torch.stack([
-                query_metric(metric, learner.functional_forward(p, qx), qy) for p in path
+                query_metric(metric, learner.functional_forward(p, qx, step=k), qy)
+                for k, p in enumerate(path)
             ])
 
     rows = []

@@ -68,6 +68,7 @@ def make_learner(cfg: ExperimentConfig, cls: type[MAML], model: nn.Module, metri
         common.update(multi_step_loss=cfg.mamlpp_multi_step_loss, msl_epochs=cfg.mamlpp_msl_epochs,
                       first_order_epochs=cfg.mamlpp_first_order_epochs,
                       learn_step_lrs=cfg.mamlpp_step_lrs,
+                      per_step_bn=cfg.mamlpp_per_step_bn,
                       iterations_per_epoch=cfg.iterations_per_epoch)
     elif cls is IMAML:
         common.update(lam=cfg.imaml_lambda, cg_iterations=cfg.imaml_cg_iterations)
@@ -140,12 +141,13 @@ def build(cfg: ExperimentConfig) -> Experiment:
     model = exp.make_model()
     # CAVIA's network also reads the context vector (sinusoid only, see config validation)
     learner_model = MLP([1 + cfg.cavia_context_dim, 40, 40, 1]) if cfg.algo == "cavia" else model
+    # copied first: MAML++ with per-step BatchNorm converts its model's layers in place
+    baseline_model = copy.deepcopy(model)
     cls = ALGORITHM_CLASSES[cfg.algo]
     if issubclass(cls, BlackBox):
         exp.learners[cfg.algo] = make_blackbox(cfg, copy.deepcopy(model), exp.metric)
     else:
         exp.learners[cfg.algo] = make_learner(cfg, cls, learner_model, exp.metric)
     if cfg.baseline:
-        exp.learners["pretrained"] = make_learner(cfg, Pretrained, copy.deepcopy(model),
-                                                  exp.metric)
+        exp.learners["pretrained"] = make_learner(cfg, Pretrained, baseline_model, exp.metric)
     return exp

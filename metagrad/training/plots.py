@@ -87,6 +87,6 @@ def _plot_steps(ax: plt.Axes, name: str, learner: MAML, support_x: torch.Tensor,
                                 trajectory=True, params=theta)
     for k in steps:
         with torch.no_grad():
-            pred = learner.functional_forward(path_params[k], grid[0])
+            pred = learner.functional_forward(path_params[k], grid[0], step=k)
         ax.plot(grid[0, :, 0], pred[:, 0], "--" if k == 0 else "-", lw=1,
                 label=f"{name}, {k} step{'s' if k != 1 else ''}")
