@@ -135,10 +135,8 @@ class Trainer:
                 losses = dict(zip(self.exp.learners, reduced[:-1].tolist(), strict=True))
                 for name, value in losses.items():
                     if not math.isfinite(value):
-                        raise TrainingDivergedError(
-                            f"the {name} loss became {value} at iteration {self.iteration + 1}; "
-                            f"the last good checkpoint is kept in {self.checkpoints.directory}. "
-                            "Lower meta_lr or inner_lr.")
+                        raise diverged(f"the {name} loss became {value}", self.iteration + 1,
+                                       self.checkpoints.directory, "Lower meta_lr or inner_lr.")
                 for name, opt in self.optimizers.items():
                     opt.step()
                     if name in self.schedulers:
@@ -179,6 +177,14 @@ class Trainer:
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.set_postfix({k.split("/")[-1]: round(v, 4) for k, v in record.items() if "/" in k})
+
+
+def diverged(what: str, iteration: int, directory: Path, advice: str = "") -> TrainingDivergedError:
+    """The error both trainers raise when training stops making sense: what happened, where,
+    where the last good checkpoint is, and what to change."""
+    return TrainingDivergedError(
+        f"{what} at iteration {iteration}; the last good checkpoint is kept in {directory}."
+        + (f" {advice}" if advice else ""))
 
 
 class Stoppable(Protocol):

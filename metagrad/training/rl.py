@@ -24,12 +24,12 @@ import yaml
 from tqdm import tqdm
 
 from metagrad.distributed import Distributed
-from metagrad.errors import CheckpointError, ConfigError, TrainingDivergedError
+from metagrad.errors import CheckpointError, ConfigError
 from metagrad.rl.envs import canonical_env_name
 from metagrad.rl.maml_rl import MAMLRL, RLConfig
 from metagrad.training import checkpoint as ckpt
 from metagrad.training.evaluation import EvalRow, rows_from_curves
-from metagrad.training.loop import TEST_SEED_OFFSET, stop_on_signals
+from metagrad.training.loop import TEST_SEED_OFFSET, diverged, stop_on_signals
 from metagrad.training.plots import plot_metric_vs_steps
 from metagrad.training.report import format_table
 from metagrad.training.rl_plots import plot_navigation_trajectories
@@ -160,10 +160,8 @@ class RLTrainer:
             metrics.pop("iteration")
             for key, value in metrics.items():
                 if not math.isfinite(value):
-                    raise TrainingDivergedError(
-                        f"{name}'s {key} became {value} at iteration {self.iteration + 1}; the "
-                        f"last good checkpoint is kept in {self.checkpoints.directory}. Lower "
-                        "max_kl or inner_lr.")
+                    raise diverged(f"{name}'s {key} became {value}", self.iteration + 1,
+                                   self.checkpoints.directory, "Lower max_kl or inner_lr.")
                 record[f"{name}/{key}"] = value
         self.iteration += 1
         return record
@@ -195,9 +193,8 @@ class RLTrainer:
         weights = torch.cat([p.detach().reshape(-1) for learner in self.learners.values()
                              for p in learner.policy.parameters()])
         if not self.dist.in_sync(weights):
-            raise TrainingDivergedError(
-                f"the processes' parameters differ at iteration {self.iteration}; the last good "
-                f"checkpoint is kept in {self.checkpoints.directory}")
+            raise diverged("the processes' parameters differ", self.iteration,
+                           self.checkpoints.directory)
         if self.dist.is_main:
             self.checkpoints.save(self.state(), self.iteration, best=best)
 
