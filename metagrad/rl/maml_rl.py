@@ -94,6 +94,12 @@ class RLConfig:
     eval_rollouts: int = 40
     """Episodes per test task and adaptation step at evaluation."""
     eval_steps: int = 3
+    val_every: int = 10
+    """Every ``val_every`` meta-iterations the policy is validated: its return after
+    ``eval_steps`` adaptation steps (α as at evaluation) on ``val_tasks`` tasks drawn from a
+    validation seed, ``rollouts`` episodes per task and step. The best validated policy is kept
+    as ``checkpoints/best`` (``metagrad eval --checkpoint best``)."""
+    val_tasks: int = 20
     baseline: bool = True
     """Also train the "pretrained on all tasks" policy (``method="pretrain"``) on the same task
     batches."""
@@ -116,7 +122,8 @@ class RLConfig:
                 f"nav_reward must be 'distance' or 'squared_distance', got {self.nav_reward!r}"
             )
         for name in ("meta_batch", "rollouts", "cg_iters", "ls_steps", "iterations", "eval_tasks",
-                     "eval_rollouts", "checkpoint_every", "keep_checkpoints", "log_every"):
+                     "eval_rollouts", "val_every", "val_tasks", "checkpoint_every",
+                     "keep_checkpoints", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("horizon", "threads"):

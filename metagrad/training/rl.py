@@ -29,7 +29,12 @@ from metagrad.rl.envs import canonical_env_name
 from metagrad.rl.maml_rl import MAMLRL, RLConfig
 from metagrad.training import checkpoint as ckpt
 from metagrad.training.evaluation import EvalRow, rows_from_curves
-from metagrad.training.loop import TEST_SEED_OFFSET, diverged, stop_on_signals
+from metagrad.training.loop import (
+    TEST_SEED_OFFSET,
+    VAL_SEED_OFFSET,
+    diverged,
+    stop_on_signals,
+)
 from metagrad.training.plots import plot_metric_vs_steps
 from metagrad.training.report import format_table
 from metagrad.training.rl_plots import plot_navigation_trajectories
@@ -123,7 +128,7 @@ class RLTrainer:
         self.learners = make_learners(cfg, self.dist)
         self.iteration = 0
         self.best: float | None = None
-        """Best post-update return of the first learner at a checkpoint iteration."""
+        """Best validation return (:meth:`validate`) of the first learner."""
         self.checkpoints = ckpt.CheckpointDir(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
         self._stop_signal: int | None = None
         self.stopped = False
@@ -166,10 +171,19 @@ class RLTrainer:
         self.iteration += 1
         return record
 
+    def validate(self) -> float:
+        """The first learner's mean return after ``eval_steps`` adaptation steps on
+        ``val_tasks`` tasks of the validation seed (distinct from training and test)."""
+        cfg = self.config
+        learner = next(iter(self.learners.values()))
+        seed = cfg.seed + VAL_SEED_OFFSET
+        tasks = learner.env.sample_tasks(cfg.val_tasks, torch.Generator().manual_seed(seed))
+        returns = learner.task_returns(tasks, cfg.eval_steps, cfg.rollouts, seed + 1)
+        return returns[:, -1].mean().item()
+
     def train(self, progress: bool = True) -> None:
         cfg = self.config
         main = self.dist.is_main
-        watched = f"{next(iter(self.learners))}/post_return"
         bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not (progress and main),
                    dynamic_ncols=True, desc=f"{cfg.env}/{cfg.method}")
         started = time.perf_counter()
@@ -178,7 +192,7 @@ class RLTrainer:
             while self.iteration < cfg.iterations:
                 record = self.step()
                 bar.update(1)
-                self._log_and_checkpoint(record, record[watched], log, bar, started)
+                self._log_validate_checkpoint(record, log, bar, started)
                 if self.dist.any(self._stop_signal is not None):
                     self._save()
                     bar.write(f"stopped by a signal at iteration {self.iteration}; "
@@ -198,22 +212,27 @@ class RLTrainer:
         if self.dist.is_main:
             self.checkpoints.save(self.state(), self.iteration, best=best)
 
-    def _log_and_checkpoint(self, record: dict[str, float], watched: float, log: TextIO | None,
-                            bar: tqdm, started: float) -> None:
+    def _log_validate_checkpoint(self, record: dict[str, float], log: TextIO | None, bar: tqdm,
+                                 started: float) -> None:
+        """Validation (rank 0 only) every ``val_every`` iterations, a checkpoint then and every
+        ``checkpoint_every`` iterations, a ``metrics.jsonl`` line every ``log_every``."""
         cfg = self.config
         last = self.iteration == cfg.iterations
-        if log is not None and (self.iteration % cfg.log_every == 0 or last):
+        best = False
+        if self.dist.is_main and (self.iteration % cfg.val_every == 0 or last):
+            value = self.validate()
+            record[f"{next(iter(self.learners))}/val_return"] = value
+            best = self.best is None or value > self.best
+            if best:
+                self.best = value
+        validated = self.iteration % cfg.val_every == 0
+        if log is not None and (self.iteration % cfg.log_every == 0 or last or validated):
             log.write(json.dumps({"iteration": self.iteration,
                                   "seconds": round(time.perf_counter() - started, 3),
                                   **record}) + "\n")
             log.flush()
             bar.set_postfix({k: round(v, 2) for k, v in record.items() if k.endswith("return")})
-        if self.iteration % cfg.checkpoint_every == 0 or last:
-            # the post-update return of this iteration's batch was measured with the policy
-            # entering it, one trust-region step (KL <= max_kl) before the one saved
-            best = self.best is None or watched > self.best
-            if best:
-                self.best = watched
+        if validated or self.iteration % cfg.checkpoint_every == 0 or last:
             self._save(best=best)
 
 

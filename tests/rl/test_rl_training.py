@@ -15,9 +15,10 @@ import torch
 from metagrad.errors import CheckpointError, ConfigError
 from metagrad.rl.maml_rl import MAMLRL, RLConfig
 from metagrad.training import checkpoint as ckpt
-from metagrad.training.rl import evaluate_rl_run, is_rl_run, resolve_rl, train_rl
+from metagrad.training.rl import RLTrainer, evaluate_rl_run, is_rl_run, resolve_rl, train_rl
 
-TINY = dict(meta_batch=3, rollouts=3, horizon=20, hidden=(16,), iterations=4, checkpoint_every=2)
+TINY = dict(meta_batch=3, rollouts=3, horizon=20, hidden=(16,), iterations=4, checkpoint_every=2,
+            val_every=2, val_tasks=2, eval_steps=1)
 
 
 def tiny(**settings) -> RLConfig:
@@ -44,6 +45,18 @@ def test_run_directory_holds_config_metrics_and_checkpoints(run):
     assert names == ["best.safetensors", "ckpt-0000002.safetensors", "ckpt-0000004.safetensors"]
     with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
         train_rl(tiny(), run, progress=False)
+
+
+def test_best_checkpoint_is_the_best_validated_one(run):
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    validated = {r["iteration"]: r["maml/val_return"] for r in records if "maml/val_return" in r}
+    assert sorted(validated) == [2, 4]
+    best = ckpt.load(run / "checkpoints" / "best.safetensors")
+    assert best["iteration"] == max(validated, key=validated.get)
+    assert best["best"] == max(validated.values())
+    trainer = RLTrainer(tiny(), run)  # validation is deterministic: the best policy re-validates
+    trainer.load_state(best)
+    assert trainer.validate() == pytest.approx(best["best"], abs=1e-5)
 
 
 def test_eval_json_has_every_method_and_step(run):
