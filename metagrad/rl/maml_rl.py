@@ -95,10 +95,10 @@ class RLConfig:
     """Episodes per test task and adaptation step at evaluation."""
     eval_steps: int = 3
     val_every: int = 10
-    """Every ``val_every`` meta-iterations the policy is validated: its return after
-    ``eval_steps`` adaptation steps (α as at evaluation) on ``val_tasks`` tasks drawn from a
-    validation seed, ``rollouts`` episodes per task and step. The best validated policy is kept
-    as ``checkpoints/best`` (``metagrad eval --checkpoint best``)."""
+    """Every ``val_every`` meta-iterations the policy is validated: its return averaged over
+    1..``eval_steps`` adaptation steps (α as at evaluation) and over ``val_tasks`` tasks drawn
+    from a validation seed, ``rollouts`` episodes per task and step. The best validated policy
+    is kept as ``checkpoints/best`` (``metagrad eval --checkpoint best``)."""
     val_tasks: int = 20
     baseline: bool = True
     """Also train the "pretrained on all tasks" policy (``method="pretrain"``) on the same task

@@ -18,7 +18,7 @@ from metagrad.training import checkpoint as ckpt
 from metagrad.training.rl import RLTrainer, evaluate_rl_run, is_rl_run, resolve_rl, train_rl
 
 TINY = dict(meta_batch=3, rollouts=3, horizon=20, hidden=(16,), iterations=4, checkpoint_every=2,
-            val_every=2, val_tasks=2, eval_steps=1)
+            val_every=2, val_tasks=2, eval_steps=2)
 
 
 def tiny(**settings) -> RLConfig:
