@@ -174,15 +174,8 @@ class RLTrainer:
         return record
 
     def validate(self) -> float:
-        """The first learner's return averaged over 1..``eval_steps`` adaptation steps (the
-        area under the evaluation's adaptation curve; step 0 alone if ``eval_steps`` is 0) and
-        over ``val_tasks`` tasks of the validation seed (distinct from training and test)."""
-        cfg = self.config
-        learner = next(iter(self.learners.values()))
-        seed = cfg.seed + VAL_SEED_OFFSET
-        tasks = learner.env.sample_tasks(cfg.val_tasks, torch.Generator().manual_seed(seed))
-        returns = learner.task_returns(tasks, cfg.eval_steps, cfg.rollouts, seed + 1)
-        return returns[:, min(1, cfg.eval_steps):].mean().item()
+        """:func:`validation_return` of the first learner."""
+        return validation_return(next(iter(self.learners.values())))
 
     def train(self, progress: bool = True) -> None:
         cfg = self.config
@@ -239,6 +232,37 @@ class RLTrainer:
             self._save(best=best)
 
 
+def validation_return(learner: MAMLRL) -> float:
+    """``learner``'s return averaged over 1..``eval_steps`` adaptation steps (the area under the
+    evaluation's adaptation curve; step 0 alone if ``eval_steps`` is 0) and over ``val_tasks``
+    tasks of the validation seed (distinct from training and test), ``rollouts`` per step."""
+    cfg = learner.config
+    seed = cfg.seed + VAL_SEED_OFFSET
+    tasks = learner.env.sample_tasks(cfg.val_tasks, torch.Generator().manual_seed(seed))
+    returns = learner.task_returns(tasks, cfg.eval_steps, cfg.rollouts, seed + 1)
+    return returns[:, min(1, cfg.eval_steps):].mean().item()
+
+
+FINE_TUNE_SCALES = (3.0, 1.0, 0.3, 0.1, 0.03, 0.01)
+"""Multiples of (``inner_lr``, ``eval_inner_lr``) among which each baseline's fine-tuning step
+size is chosen on the validation tasks."""
+
+
+def tune_fine_tuning(learner: MAMLRL) -> MAMLRL:
+    """``learner``'s policy fine-tuned with the step sizes (:data:`FINE_TUNE_SCALES`) of best
+    :func:`validation_return`: a baseline's fairest comparison, since the α that MAML was
+    trained for can throw a policy trained without adaptation far off (its std has shrunk)."""
+    candidates = []
+    for scale in FINE_TUNE_SCALES:
+        cfg = learner.config
+        tuned = MAMLRL(dataclasses.replace(cfg, inner_lr=cfg.inner_lr * scale,
+                                           eval_inner_lr=cfg.eval_inner_lr * scale),
+                       env=learner.env)
+        tuned.policy.load_state_dict(learner.policy.state_dict())
+        candidates.append((validation_return(tuned), -scale, tuned))
+    return max(candidates, key=lambda c: c[:2])[2]
+
+
 def train_rl(cfg: RLConfig | None, run_dir: str | Path, resume: bool = False,
              iterations: int | None = None, progress: bool = True,
              threads: int | None = None) -> RLTrainer:
@@ -273,14 +297,18 @@ def evaluate_rl_run(run_dir: str | Path, tasks: int | None = None, steps: int | 
                     ) -> tuple[list[EvalRow], list[Path]]:
     """The return after 0..``steps`` adaptation steps on held-out tasks (a test seed distinct from
     training; mean ± 95% CI over tasks) of the ``which`` (``"last"`` or ``"best"``) checkpoint's
-    policies and of a fresh initialisation fine-tuned the same way (``random``). Writes
-    ``eval.json``, ``return_vs_steps.png`` and, for navigation2d, ``trajectories.png``."""
+    policies and of a fresh initialisation (``random``). The trained method adapts with its own
+    α; the baselines (``pretrained``, ``random``) with the step sizes of
+    :func:`tune_fine_tuning`, recorded in ``eval.json``'s ``step_sizes``. Writes ``eval.json``,
+    ``return_vs_steps.png`` and, for navigation2d, ``trajectories.png``."""
     run_dir = Path(run_dir)
     cfg = read_rl_config(run_dir)
     path, state = ckpt.CheckpointDir(run_dir / "checkpoints").read(which)
     methods = make_learners(cfg)
     load_learners(methods, state)
     methods["random"] = MAMLRL(cfg)
+    for name in methods.keys() - {METHOD_NAMES[cfg.method]}:
+        methods[name] = tune_fine_tuning(methods[name])
     tasks = tasks or cfg.eval_tasks
     steps = cfg.eval_steps if steps is None else steps
     rollouts = rollouts or cfg.eval_rollouts
@@ -292,6 +320,8 @@ def evaluate_rl_run(run_dir: str | Path, tasks: int | None = None, steps: int | 
         rows += rows_from_curves(curves, name, rollouts, "test")
     (run_dir / "eval.json").write_text(json.dumps(
         {"metric": "return", "checkpoint": path.name, "iteration": state["iteration"],
+         "step_sizes": {n: [m.config.inner_lr, m.config.eval_inner_lr]
+                        for n, m in methods.items()},
          "results": [r.to_dict() for r in rows]}, indent=1))
     figures = [plot_metric_vs_steps(rows, "return", run_dir / "return_vs_steps.png")]
     if canonical_env_name(cfg.env) == "navigation2d":

@@ -15,7 +15,16 @@ import torch
 from metagrad.errors import CheckpointError, ConfigError
 from metagrad.rl.maml_rl import MAMLRL, RLConfig
 from metagrad.training import checkpoint as ckpt
-from metagrad.training.rl import RLTrainer, evaluate_rl_run, is_rl_run, resolve_rl, train_rl
+from metagrad.training.rl import (
+    FINE_TUNE_SCALES,
+    RLTrainer,
+    evaluate_rl_run,
+    is_rl_run,
+    resolve_rl,
+    train_rl,
+    tune_fine_tuning,
+    validation_return,
+)
 
 TINY = dict(meta_batch=3, rollouts=3, horizon=20, hidden=(16,), iterations=4, checkpoint_every=2,
             val_every=2, val_tasks=2, eval_steps=2)
@@ -59,11 +68,26 @@ def test_best_checkpoint_is_the_best_validated_one(run):
     assert trainer.validate() == pytest.approx(best["best"], abs=1e-5)
 
 
+def test_baselines_fine_tune_with_the_step_size_that_validates_best():
+    learner = MAMLRL(tiny(val_tasks=4, method="pretrain"))
+    with torch.no_grad():  # a collapsed std, as pretraining leaves it: α = 0.1 overshoots
+        learner.policy.log_std.fill_(-4.0)
+    tuned = tune_fine_tuning(learner)
+    scale = tuned.config.inner_lr / learner.config.inner_lr
+    assert any(scale == pytest.approx(s) for s in FINE_TUNE_SCALES)
+    assert tuned.config.eval_inner_lr == pytest.approx(scale * learner.config.eval_inner_lr)
+    assert tuned.config.inner_lr < learner.config.inner_lr
+    assert validation_return(tuned) > validation_return(learner)
+    for a, b in zip(tuned.policy.parameters(), learner.policy.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_eval_json_has_every_method_and_step(run):
     rows, figures = evaluate_rl_run(run, tasks=4, steps=2, rollouts=3)
     report = json.loads((run / "eval.json").read_text())
     assert (report["metric"], report["checkpoint"], report["iteration"]) == (
         "return", "ckpt-0000004.safetensors", 4)
+    assert report["step_sizes"]["maml"] == [0.1, 0.05]  # MAML adapts with the α it trained for
     got = {(r["method"], r["steps"]) for r in report["results"]}
     assert got == {(m, s) for m in ("maml", "pretrained", "random") for s in range(3)}
     for r in report["results"]:
