@@ -320,7 +320,8 @@ def evaluate_rl_run(run_dir: str | Path, tasks: int | None = None, steps: int | 
         rows += rows_from_curves(curves, name, rollouts, "test")
     (run_dir / "eval.json").write_text(json.dumps(
         {"metric": "return", "checkpoint": path.name, "iteration": state["iteration"],
-         "step_sizes": {n: [m.config.inner_lr, m.config.eval_inner_lr]
+         "step_sizes": {n: [float(f"{lr:.6g}") for lr in (m.config.inner_lr,
+                                                            m.config.eval_inner_lr)]
                         for n, m in methods.items()},
          "results": [r.to_dict() for r in rows]}, indent=1))
     figures = [plot_metric_vs_steps(rows, "return", run_dir / "return_vs_steps.png")]
