@@ -338,6 +338,9 @@ def print_rl_eval(run_dir: str | Path, **kwargs: Any) -> None:
     print(f"\nreturn (mean ± 95% CI over {rows[0].tasks} test tasks; shots = rollouts per task "
           "and step) after N adaptation steps:")
     print(format_table(rows, "return"))
+    sizes = json.loads((run_dir / "eval.json").read_text())["step_sizes"]
+    print("step sizes (first step, later steps; the baselines' chosen on validation tasks): "
+          + ", ".join(f"{name} {a:g}, {b:g}" for name, (a, b) in sizes.items()))
     print(f"\nwrote {run_dir / 'eval.json'}")
     for f in figures:
         print(f"figure: {f}")
