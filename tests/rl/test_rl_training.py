@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from metagrad.cli import main
 from metagrad.errors import CheckpointError, ConfigError
 from metagrad.rl.maml_rl import MAMLRL, RLConfig
 from metagrad.training import checkpoint as ckpt
@@ -98,6 +99,13 @@ def test_eval_json_has_every_method_and_step(run):
     assert all(f.stat().st_size > 0 for f in figures)
     evaluate_rl_run(run, tasks=2, steps=0, rollouts=2, which="best")
     assert json.loads((run / "eval.json").read_text())["checkpoint"] == "best.safetensors"
+
+
+def test_cli_eval_prints_the_table_and_step_sizes(run, capsys):
+    main(["eval", str(run), "--tasks", "2", "--steps", "1", "--rollouts", "2"])
+    out = capsys.readouterr().out
+    assert "maml" in out and "pretrained" in out and "random" in out
+    assert "step sizes" in out and "maml 0.1, 0.05" in out
 
 
 def _trajectory(run_dir: Path) -> list[dict]:
