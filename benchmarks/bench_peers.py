@@ -19,13 +19,17 @@ Peers (optional; run in the separate benchmark venv, see benchmarks/README):
     OMP_WAIT_POLICY=PASSIVE .venv-bench/bin/python benchmarks/bench_peers.py \
         --workloads w2-5way,w2-5way-fo --arch stride --rounds 5 --variants
 Other modes: ``--profile`` (torch.profiler of metagrad on W2), ``--memory`` (peak RSS of each
-implementation on W2 20-way, one subprocess each), ``--compile`` (adds torch.compile variants).
+implementation on W2 20-way, one subprocess each), ``--compile`` (adds torch.compile variants),
+``--ceiling`` (the fastest any implementation of the same maths could be on this CPU: the
+meta-iteration's floating-point operations, counted by ``torch.utils.flop_counter``, at this
+machine's measured single-precision matmul rate, against the plain loop's time).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import resource
 import subprocess
@@ -363,6 +367,45 @@ def profile(args) -> None:
                                                 max_name_column_width=48))
 
 
+def matmul_gflops(size: int = 1024, repeats: int = 15) -> float:
+    """The best single-precision rate of a ``size``³ matrix product here (a proxy of peak)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def ceiling(args) -> None:
+    """Lower bound on any implementation's time: every counted FLOP at the matmul peak, all
+    else (BatchNorm, ReLU, copies, Python) free; against the plain loop's measured time."""
+    from torch.utils.flop_counter import FlopCounterMode
+    peak = matmul_gflops()
+    print(f"\nsingle-precision matmul peak here: {peak:.1f} GFLOP/s ({args.threads} thread(s))")
+    for arch in args.arch.split(","):
+        for wl in expand_workloads(args.workloads):
+            kind, ways, tasks, steps, fo, lr = WORKLOADS[wl]
+            if kind != "w2":
+                continue
+            data = make_data(kind, ways, tasks)
+            model = make_model(kind, ways, arch)
+            loop = peers.plain_loop(model, F.cross_entropy, lr, steps, fo)
+            counter = FlopCounterMode(display=False)
+            with counter:
+                loop(data)
+            gflop = counter.get_total_flops() / 1e9
+            (median, low), = interleaved({"loop": functools.partial(loop, data)}, args.rounds,
+                                         args.warmup).values()
+            bound = gflop / peak
+            print(f"{wl} ({arch}): {gflop:.1f} GFLOP per meta-iteration; plain loop "
+                  f"{median * 1e3:.0f} ms median ({gflop / median:.1f} GFLOP/s), "
+                  f"{low * 1e3:.0f} ms min; at peak {bound * 1e3:.0f} ms: no implementation "
+                  f"of these FLOPs can be more than {median / bound:.2f}x faster "
+                  f"({low / bound:.2f}x against the min)")
+
+
 # -- memory -----------------------------------------------------------------------------------
 def memory_child(args) -> None:
     label = args.memory_child
@@ -419,6 +462,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--top", type=int, default=18)
     parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="W2: the speed-up no implementation of the same FLOPs can exceed")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -435,6 +480,9 @@ def main() -> None:
         return
     if args.memory:
         memory(args)
+        return
+    if args.ceiling:
+        ceiling(args)
         return
     for wl in expand_workloads(args.workloads):
         for arch in (args.arch.split(",") if WORKLOADS[wl][0] == "w2" else ["-"]):
