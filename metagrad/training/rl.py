@@ -139,6 +139,7 @@ class RLTrainer:
         return {
             "iteration": self.iteration,
             "best": self.best,
+            "best_metric": "validation_return",
             "config": self.config.to_dict(),
             "learners": {n: learner.state_dict() for n, learner in self.learners.items()},
             "rng": ckpt.rng_state(),
@@ -149,7 +150,9 @@ class RLTrainer:
         with _mismatch_is_checkpoint_error():
             ckpt.restore_rng_state(state["rng"])
             self.iteration = int(state["iteration"])
-            self.best = state["best"]
+            # runs saved before validation existed kept the best training return: start afresh
+            validated = state.get("best_metric") == "validation_return"
+            self.best = state["best"] if validated else None
 
     def resume(self) -> bool:
         state = self.checkpoints.latest_state()
