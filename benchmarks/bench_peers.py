@@ -343,28 +343,33 @@ def run_workload(name: str, arch: str, args, available_peers) -> None:
 
 
 # -- profile ----------------------------------------------------------------------------------
+def w2_workloads(args):
+    """``(workload, arch, (kind, ways, tasks, steps, first_order, lr), data)`` of each chosen
+    W2 workload and architecture."""
+    for arch in args.arch.split(","):
+        for wl in expand_workloads(args.workloads):
+            kind, ways, tasks, *_ = WORKLOADS[wl]
+            if kind == "w2":
+                yield wl, arch, WORKLOADS[wl], make_data(kind, ways, tasks)
+
+
 def profile(args) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
-    for arch in args.arch.split(","):
-        for wl in expand_workloads(args.workloads):
-            kind, ways, tasks, steps, fo, lr = WORKLOADS[wl]
-            if kind != "w2":
-                continue
-            data = make_data(kind, ways, tasks)
-            for label, batching in (("metagrad (auto = loop)", "auto"),
-                                    ("metagrad vmap + plain-ops BN", "vmap")):
-                model = make_model(kind, ways, arch)
-                fn = peers.metagrad_maml(model, F.cross_entropy, lr, steps, fo, batching=batching)
-                if batching == "vmap":
-                    fn = with_plain_bn(model, fn)
+    for wl, arch, (kind, ways, _, steps, fo, lr), data in w2_workloads(args):
+        for label, batching in (("metagrad (auto = loop)", "auto"),
+                                ("metagrad vmap + plain-ops BN", "vmap")):
+            model = make_model(kind, ways, arch)
+            fn = peers.metagrad_maml(model, F.cross_entropy, lr, steps, fo, batching=batching)
+            if batching == "vmap":
+                fn = with_plain_bn(model, fn)
+            fn(data)
+            with tprofile(activities=[ProfilerActivity.CPU]) as prof:
                 fn(data)
-                with tprofile(activities=[ProfilerActivity.CPU]) as prof:
-                    fn(data)
-                total = sum(e.self_cpu_time_total for e in prof.key_averages())
-                print(f"\n### profile {wl} ({arch}), {label}: total self CPU {total / 1e3:.0f} ms")
-                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top,
-                                                max_name_column_width=48))
+            total = sum(e.self_cpu_time_total for e in prof.key_averages())
+            print(f"\n### profile {wl} ({arch}), {label}: total self CPU {total / 1e3:.0f} ms")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top,
+                                            max_name_column_width=48))
 
 
 def matmul_gflops(size: int = 1024, repeats: int = 15) -> float:
@@ -384,26 +389,21 @@ def ceiling(args) -> None:
     from torch.utils.flop_counter import FlopCounterMode
     peak = matmul_gflops()
     print(f"\nsingle-precision matmul peak here: {peak:.1f} GFLOP/s ({args.threads} thread(s))")
-    for arch in args.arch.split(","):
-        for wl in expand_workloads(args.workloads):
-            kind, ways, tasks, steps, fo, lr = WORKLOADS[wl]
-            if kind != "w2":
-                continue
-            data = make_data(kind, ways, tasks)
-            model = make_model(kind, ways, arch)
-            loop = peers.plain_loop(model, F.cross_entropy, lr, steps, fo)
-            counter = FlopCounterMode(display=False)
-            with counter:
-                loop(data)
-            gflop = counter.get_total_flops() / 1e9
-            (median, low), = interleaved({"loop": functools.partial(loop, data)}, args.rounds,
-                                         args.warmup).values()
-            bound = gflop / peak
-            print(f"{wl} ({arch}): {gflop:.1f} GFLOP per meta-iteration; plain loop "
-                  f"{median * 1e3:.0f} ms median ({gflop / median:.1f} GFLOP/s), "
-                  f"{low * 1e3:.0f} ms min; at peak {bound * 1e3:.0f} ms: no implementation "
-                  f"of these FLOPs can be more than {median / bound:.2f}x faster "
-                  f"({low / bound:.2f}x against the min)")
+    for wl, arch, (kind, ways, _, steps, fo, lr), data in w2_workloads(args):
+        model = make_model(kind, ways, arch)
+        loop = peers.plain_loop(model, F.cross_entropy, lr, steps, fo)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            loop(data)
+        gflop = counter.get_total_flops() / 1e9
+        (median, low), = interleaved({"loop": functools.partial(loop, data)}, args.rounds,
+                                     args.warmup).values()
+        bound = gflop / peak
+        print(f"{wl} ({arch}): {gflop:.1f} GFLOP per meta-iteration; plain loop "
+              f"{median * 1e3:.0f} ms median ({gflop / median:.1f} GFLOP/s), "
+              f"{low * 1e3:.0f} ms min; at peak {bound * 1e3:.0f} ms: no implementation "
+              f"of these FLOPs can be more than {median / bound:.2f}x faster "
+              f"({low / bound:.2f}x against the min)")
 
 
 # -- memory -----------------------------------------------------------------------------------
