@@ -238,9 +238,10 @@ class RLTrainer:
 def validation_return(learner: MAMLRL) -> float:
     """``learner``'s return averaged over 1..``eval_steps`` adaptation steps (the area under the
     evaluation's adaptation curve; step 0 alone if ``eval_steps`` is 0) and over ``val_tasks``
-    tasks of the validation seed (distinct from training and test), ``rollouts`` per step."""
+    tasks of a fixed validation seed (the same tasks for every run, distinct from the test ones),
+    ``rollouts`` episodes per task and step."""
     cfg = learner.config
-    seed = cfg.seed + VAL_SEED_OFFSET
+    seed = VAL_SEED_OFFSET
     tasks = learner.env.sample_tasks(cfg.val_tasks, torch.Generator().manual_seed(seed))
     returns = learner.task_returns(tasks, cfg.eval_steps, cfg.rollouts, seed + 1)
     return returns[:, min(1, cfg.eval_steps):].mean().item()
@@ -298,9 +299,10 @@ def train_rl(cfg: RLConfig | None, run_dir: str | Path, resume: bool = False,
 def evaluate_rl_run(run_dir: str | Path, tasks: int | None = None, steps: int | None = None,
                     rollouts: int | None = None, which: str = "last"
                     ) -> tuple[list[EvalRow], list[Path]]:
-    """The return after 0..``steps`` adaptation steps on held-out tasks (a test seed distinct from
-    training; mean ± 95% CI over tasks) of the ``which`` (``"last"`` or ``"best"``) checkpoint's
-    policies and of a fresh initialisation (``random``). The trained method adapts with its own
+    """The return after 0..``steps`` adaptation steps on held-out tasks (drawn from a fixed test
+    seed: runs with different training seeds meet the same tasks; mean ± 95% CI over tasks) of
+    the ``which`` (``"last"`` or ``"best"``) checkpoint's policies and of a fresh initialisation
+    (``random``). The trained method adapts with its own
     α; the baselines (``pretrained``, ``random``) with the step sizes of
     :func:`tune_fine_tuning`, recorded in ``eval.json``'s ``step_sizes``. Writes ``eval.json``,
     ``return_vs_steps.png`` and, for navigation2d, ``trajectories.png``."""
@@ -315,7 +317,7 @@ def evaluate_rl_run(run_dir: str | Path, tasks: int | None = None, steps: int | 
     tasks = tasks or cfg.eval_tasks
     steps = cfg.eval_steps if steps is None else steps
     rollouts = rollouts or cfg.eval_rollouts
-    seed = cfg.seed + TEST_SEED_OFFSET
+    seed = TEST_SEED_OFFSET  # the same held-out tasks whatever the training seed
     test_tasks = methods["random"].env.sample_tasks(tasks, torch.Generator().manual_seed(seed))
     rows: list[EvalRow] = []
     for name, learner in methods.items():  # every method sees the same tasks and noise seed

@@ -83,6 +83,13 @@ def test_baselines_fine_tune_with_the_step_size_that_validates_best():
         assert torch.equal(a, b)
 
 
+def test_validation_tasks_do_not_depend_on_the_training_seed():
+    one, two = MAMLRL(tiny(seed=0)), MAMLRL(tiny(seed=1))
+    assert not torch.equal(one.sample_tasks(), two.sample_tasks())  # training streams differ
+    two.policy.load_state_dict(one.policy.state_dict())
+    assert validation_return(one) == validation_return(two)
+
+
 def test_eval_json_has_every_method_and_step(run):
     rows, figures = evaluate_rl_run(run, tasks=4, steps=2, rollouts=3)
     report = json.loads((run / "eval.json").read_text())
