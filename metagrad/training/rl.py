@@ -216,22 +216,21 @@ class RLTrainer:
         """Validation (rank 0 only) every ``val_every`` iterations, a checkpoint then and every
         ``checkpoint_every`` iterations, a ``metrics.jsonl`` line every ``log_every``."""
         cfg = self.config
-        last = self.iteration == cfg.iterations
+        validated = self.iteration % cfg.val_every == 0 or self.iteration == cfg.iterations
         best = False
-        if self.dist.is_main and (self.iteration % cfg.val_every == 0 or last):
+        if self.dist.is_main and validated:
             value = self.validate()
             record[f"{next(iter(self.learners))}/val_return"] = value
             best = self.best is None or value > self.best
             if best:
                 self.best = value
-        validated = self.iteration % cfg.val_every == 0
-        if log is not None and (self.iteration % cfg.log_every == 0 or last or validated):
+        if log is not None and (self.iteration % cfg.log_every == 0 or validated):
             log.write(json.dumps({"iteration": self.iteration,
                                   "seconds": round(time.perf_counter() - started, 3),
                                   **record}) + "\n")
             log.flush()
             bar.set_postfix({k: round(v, 2) for k, v in record.items() if k.endswith("return")})
-        if validated or self.iteration % cfg.checkpoint_every == 0 or last:
+        if validated or self.iteration % cfg.checkpoint_every == 0:
             self._save(best=best)
 
 
