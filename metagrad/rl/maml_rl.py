@@ -97,7 +97,7 @@ class RLConfig:
     val_every: int = 10
     """Every ``val_every`` meta-iterations the policy is validated: its return averaged over
     1..``eval_steps`` adaptation steps (α as at evaluation) and over ``val_tasks`` tasks drawn
-    from a validation seed, ``rollouts`` episodes per task and step. The best validated policy
+    from a fixed validation seed, ``rollouts`` episodes per task and step. The best validated policy
     is kept as ``checkpoints/best`` (``metagrad eval --checkpoint best``)."""
     val_tasks: int = 20
     baseline: bool = True

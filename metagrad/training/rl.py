@@ -255,9 +255,9 @@ def tune_fine_tuning(learner: MAMLRL) -> MAMLRL:
     """``learner``'s policy fine-tuned with the step sizes (:data:`FINE_TUNE_SCALES`) of best
     :func:`validation_return`: a baseline's fairest comparison, since the α that MAML was
     trained for can throw a policy trained without adaptation far off (its std has shrunk)."""
+    cfg = learner.config
     candidates = []
     for scale in FINE_TUNE_SCALES:
-        cfg = learner.config
         tuned = MAMLRL(dataclasses.replace(cfg, inner_lr=cfg.inner_lr * scale,
                                            eval_inner_lr=cfg.eval_inner_lr * scale),
                        env=learner.env)
@@ -301,10 +301,10 @@ def evaluate_rl_run(run_dir: str | Path, tasks: int | None = None, steps: int | 
     """The return after 0..``steps`` adaptation steps on held-out tasks (drawn from a fixed test
     seed: runs with different training seeds meet the same tasks; mean ± 95% CI over tasks) of
     the ``which`` (``"last"`` or ``"best"``) checkpoint's policies and of a fresh initialisation
-    (``random``). The trained method adapts with its own
-    α; the baselines (``pretrained``, ``random``) with the step sizes of
-    :func:`tune_fine_tuning`, recorded in ``eval.json``'s ``step_sizes``. Writes ``eval.json``,
-    ``return_vs_steps.png`` and, for navigation2d, ``trajectories.png``."""
+    (``random``). The trained method adapts with its own α; the baselines (``pretrained``,
+    ``random``) with the step sizes of :func:`tune_fine_tuning`, recorded in ``eval.json``'s
+    ``step_sizes``. Writes ``eval.json``, ``return_vs_steps.png`` and, for navigation2d,
+    ``trajectories.png``."""
     run_dir = Path(run_dir)
     cfg = read_rl_config(run_dir)
     path, state = ckpt.CheckpointDir(run_dir / "checkpoints").read(which)
