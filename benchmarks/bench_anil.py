@@ -21,7 +21,7 @@ from timing import environment, interleaved, print_table
 from metagrad import MAML
 from metagrad.algorithms.anil import ANIL
 from metagrad.models.conv import omniglot_conv
-from metagrad.tasks.base import TaskBatch
+from metagrad.core.taskbatch import TaskBatch
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ from bench_peers import make_data, make_model
 from timing import environment, interleaved
 
 from metagrad import MAML
-from metagrad.tasks.base import TaskBatch
+from metagrad.core.taskbatch import TaskBatch
 
 # name: (ways, tasks, inner steps, alpha); all second order, bench_peers' stride-2 Conv4
 WORKLOADS = {

@@ -9,8 +9,8 @@ from metagrad.algorithms.maml import MAML
 from metagrad.algorithms.mamlpp import MAMLpp
 from metagrad.algorithms.metasgd import MetaSGD
 from metagrad.algorithms.reptile import Reptile
+from metagrad.core.taskbatch import TaskBatch
 from metagrad.errors import MetagradError
-from metagrad.tasks.base import TaskBatch
 
 __all__ = ["ANIL", "CAVIA", "IMAML", "MAML", "BlackBox", "MAMLpp", "MetaSGD", "MetagradError",
            "Pretrained", "Reptile", "TaskBatch"]

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from metagrad.core.taskbatch import TaskBatch
 from metagrad.errors import ConfigError
-from metagrad.tasks.base import TaskBatch
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from metagrad.algorithms.maml import MAML
-from metagrad.tasks.base import TaskBatch
+from metagrad.core.taskbatch import TaskBatch
 
 
 class Pretrained(MAML):

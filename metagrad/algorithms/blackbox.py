@@ -39,9 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metagrad.algorithms.maml import check_task_batch
+from metagrad.core.taskbatch import TaskBatch, check_task_batch
 from metagrad.errors import ConfigError
-from metagrad.tasks.base import TaskBatch
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 

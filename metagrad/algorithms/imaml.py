@@ -26,12 +26,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, grad_and_value, vjp
 
-from metagrad.algorithms.maml import MAML, LossFn, check_task_batch
+from metagrad.algorithms.maml import MAML
 from metagrad.core.batching import per_task
 from metagrad.core.functional import Params, double_backward_kernels
 from metagrad.core.solvers import guarded_conjugate_gradient
+from metagrad.core.taskbatch import LossFn, TaskBatch, check_task_batch
 from metagrad.errors import ConfigError
-from metagrad.tasks.base import TaskBatch
 
 
 class IMAML(MAML):

@@ -29,10 +29,8 @@ from metagrad.core.functional import (
 from metagrad.core.inner_loop import LearningRate, inner_loop
 from metagrad.core.per_step_norm import per_step_norms
 from metagrad.core.rates import InnerLearningRates
+from metagrad.core.taskbatch import LossFn, TaskBatch, check_pair, check_task_batch
 from metagrad.errors import ConfigError
-from metagrad.tasks.base import TaskBatch
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 class MAML(nn.Module):
@@ -166,7 +164,7 @@ class MAML(nn.Module):
         steps = self.inner_steps if steps is None else steps
         if not isinstance(steps, int) or steps < 0:
             raise ConfigError(f"steps must be an integer >= 0, got {steps!r}")
-        _check_pair(support_x, support_y, "support")
+        check_pair(support_x, support_y, "support")
         first_order = self.first_order if first_order is None else first_order
         buffers = self.functional.buffers() if buffers is None else buffers
         with double_backward_kernels(not first_order):
@@ -296,57 +294,3 @@ def _explain_model_errors(support_x: Tensor) -> Iterator[None]:
             f"the model or loss could not process this task batch (support_x "
             f"{tuple(support_x.shape)} = [tasks, examples, *input]): {str(exc).splitlines()[0]}"
         ) from exc
-
-
-def _check_pair(x: Tensor, y: Tensor, which: str) -> None:
-    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-        raise ConfigError(f"{which} inputs and targets must be tensors")
-    if x.shape[:1] != y.shape[:1]:
-        raise ConfigError(
-            f"{which} set: {x.shape[0] if x.dim() else 'a scalar'} inputs but "
-            f"{y.shape[0] if y.dim() else 'a scalar'} targets; each input needs one target "
-            f"(inputs {tuple(x.shape)}, targets {tuple(y.shape)})"
-        )
-
-
-def check_task_batch(support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                     query_y: Tensor) -> None:
-    """Clear errors for the mistakes seen in practice: a missing task dimension, tasks that do not
-    line up, support and query examples of different shapes."""
-    tensors = {"support_x": support_x, "support_y": support_y, "query_x": query_x,
-               "query_y": query_y}
-    for name, t in tensors.items():
-        if not isinstance(t, Tensor):
-            raise ConfigError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dim() < 2:
-            raise ConfigError(
-                f"{name} has shape {tuple(t.shape)}: expected a leading task dimension and an "
-                "example dimension, [tasks, examples, ...]; for one task use adapt() or add "
-                "a task dimension with .unsqueeze(0)"
-            )
-    counts = {name: t.shape[0] for name, t in tensors.items()}
-    if min(counts.values()) == 0:
-        raise ConfigError("the task batch is empty: " + ", ".join(
-            f"{k} has {v} tasks" for k, v in counts.items()) + "; sample at least one task")
-    if len(set(counts.values())) != 1:
-        raise ConfigError(
-            "mismatched task dimensions: " + ", ".join(f"{k} has {v}" for k, v in counts.items())
-            + " tasks; all four need the same leading task dimension"
-        )
-    _check_pair(support_x[0], support_y[0], "support")
-    _check_pair(query_x[0], query_y[0], "query")
-    for name in ("support_x", "query_x"):
-        if tensors[name].shape[1] == 0:
-            raise ConfigError(f"{name} has no examples (shape {tuple(tensors[name].shape)}); "
-                              "each task needs at least one support and one query example")
-    if support_x.shape[2:] != query_x.shape[2:]:
-        raise ConfigError(
-            f"support and query examples differ in shape: support_x {tuple(support_x.shape)} vs "
-            f"query_x {tuple(query_x.shape)} (dimensions after [tasks, examples] must match)"
-        )
-    if support_y.shape[2:] != query_y.shape[2:]:
-        raise ConfigError(
-            f"support and query targets differ in shape: support_y {tuple(support_y.shape)} vs "
-            f"query_y {tuple(query_y.shape)}"
-        )
-

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from metagrad.algorithms.maml import MAML, LossFn
 from metagrad.core.per_step_norm import per_step_batch_norm, per_step_norm_parameter_names
 from metagrad.core.rates import InnerLearningRates
-from metagrad.tasks.base import TaskBatch
+from metagrad.core.taskbatch import TaskBatch
 
 
 def multi_step_weights(steps: int, epoch: int, msl_epochs: int) -> list[float]:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from metagrad.algorithms.maml import MAML
 from metagrad.core.batching import per_task
-from metagrad.tasks.base import TaskBatch
+from metagrad.core.taskbatch import TaskBatch
 
 
 class Reptile(MAML):

@@ -1,67 +1,73 @@
-"""A batch of few-shot tasks as tensors with a leading task dimension.
+"""What a task provides to the trainer (:class:`TaskSetup`), and the :class:`TaskBatch` it samples.
 
-Every task source in metagrad (sinusoid regression, Omniglot / MiniImageNet episodes, ...)
-produces a :class:`TaskBatch`; every algorithm consumes one. Task ``i`` is
-``(support_x[i], support_y[i], query_x[i], query_y[i])``.
+A task is registered in :data:`metagrad.tasks.TASKS` under a name (or named on the command line
+as ``package.module:factory``). Its factory is a callable ``factory(config) -> TaskSetup``; it may
+declare its own settings as a dataclass in the attribute ``Options`` (see :func:`task`), which
+then appear as command-line flags and in ``config.yaml``, and reach the factory as
+``config.task_options``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 import torch
-from torch import Tensor
+from torch import nn
+
+from metagrad.core.taskbatch import TaskBatch, TaskSampler
+
+Metric = Literal["mse", "accuracy"]
+Split = Literal["val", "test"]
 
 
-@dataclass(frozen=True)
-class TaskBatch:
-    """``support_x``: ``[tasks, n_support, *x_shape]``; ``query_x``: ``[tasks, n_query, *x_shape]``;
-    targets likewise."""
+@dataclass
+class TaskSetup:
+    """Everything the trainer and the evaluator need from a task.
 
-    support_x: Tensor
-    support_y: Tensor
-    query_x: Tensor
-    query_y: Tensor
+    ``train`` draws meta-training batches; ``held_out(split, shots)`` returns the sampler of
+    ``"val"`` or ``"test"`` tasks with ``shots`` examples per class (or per task, for
+    regression); ``metric`` is ``"mse"`` (lower is better) or ``"accuracy"``; ``make_model()``
+    builds a fresh network (called for the learner and each baseline); ``classes`` is the
+    number of classes per task (``None`` for regression); ``artifacts`` are JSON-able records
+    saved in the run directory (e.g. ``{"split.json": ...}``); ``plots(learners, run_dir,
+    shots, steps, generator)`` may draw task-specific figures after evaluation and return their
+    paths."""
 
-    def __post_init__(self) -> None:
-        n = self.support_x.shape[0]
-        for name in ("support_y", "query_x", "query_y"):
-            if getattr(self, name).shape[0] != n:
-                raise ValueError(
-                    f"TaskBatch: {name} has {getattr(self, name).shape[0]} tasks but support_x "
-                    f"has {n}; every tensor needs the same leading task dimension"
-                )
-
-    @property
-    def num_tasks(self) -> int:
-        return self.support_x.shape[0]
-
-    def __len__(self) -> int:
-        return self.num_tasks
-
-    def __getitem__(self, index: int | slice | Tensor) -> TaskBatch:
-        """Tasks selected along the leading dimension (an int keeps a task dimension of 1)."""
-        if isinstance(index, int):
-            index = slice(index, index + 1)
-        return TaskBatch(
-            self.support_x[index], self.support_y[index], self.query_x[index], self.query_y[index]
-        )
-
-    def to(self, device: torch.device | str | None = None,
-           dtype: torch.dtype | None = None) -> TaskBatch:
-        """Moves the tensors; ``dtype`` applies to floating-point tensors only."""
-
-        def move(t: Tensor) -> Tensor:
-            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
-
-        return TaskBatch(*(move(t) for t in self.tensors()))
-
-    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.support_x, self.support_y, self.query_x, self.query_y
+    train: TaskSampler
+    held_out: Callable[[str, int], TaskSampler]
+    metric: Metric
+    make_model: Callable[[], nn.Module]
+    classes: int | None = None
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    plots: Callable[[dict[str, nn.Module], Path, list[int], int, torch.Generator],
+                    list[Path]] | None = None
 
 
-class TaskSampler(Protocol):
-    """Anything that draws a :class:`TaskBatch` of ``num_tasks`` tasks from a generator."""
+F = TypeVar("F", bound=Callable[..., TaskSetup])
 
-    def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch: ...
+
+def task(options: type | None = None, presets: dict[str, dict[str, Any]] | None = None,
+         default_preset: Callable[[dict[str, Any]], str | None] | None = None
+         ) -> Callable[[F], F]:
+    """Declares what a task factory offers beyond ``factory(config) -> TaskSetup``:
+
+    * ``options``: a dataclass of the task's own settings (e.g. Omniglot's ``split``), read by
+      the factory as ``config.task_options``;
+    * ``presets``: named settings (``--preset NAME``), any shared or option field by name;
+    * ``default_preset(overrides)``: the preset used when none is named, given the settings the
+      user chose (e.g. the paper's 20-way settings when ``ways >= 20``); ``None``: no preset.
+    """
+
+    def mark(factory: F) -> F:
+        factory.Options = options  # type: ignore[attr-defined]
+        factory.presets = dict(presets or {})  # type: ignore[attr-defined]
+        factory.default_preset = default_preset  # type: ignore[attr-defined]
+        return factory
+
+    return mark
+
+
+__all__ = ["Metric", "TaskBatch", "TaskSampler", "TaskSetup", "task"]

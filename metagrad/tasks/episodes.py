@@ -22,8 +22,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from metagrad.core.taskbatch import TaskBatch
 from metagrad.errors import ConfigError, DataError
-from metagrad.tasks.base import TaskBatch
 
 DATA_ENV = "METAGRAD_DATA"
 CACHE_ENV = "METAGRAD_CACHE"

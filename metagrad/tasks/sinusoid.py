@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from metagrad.core.taskbatch import TaskBatch
 from metagrad.errors import ConfigError
-from metagrad.tasks.base import TaskBatch
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from torch import Tensor
 from metagrad.algorithms.blackbox import BlackBox
 from metagrad.algorithms.maml import MAML
 from metagrad.core.batching import per_task
-from metagrad.tasks.base import TaskSampler
+from metagrad.core.taskbatch import TaskSampler
 
 METRICS = ("mse", "accuracy")
 

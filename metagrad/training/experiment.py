@@ -21,9 +21,9 @@ from metagrad.algorithms.mamlpp import MAMLpp
 from metagrad.algorithms.metasgd import MetaSGD
 from metagrad.algorithms.reptile import Reptile
 from metagrad.config import ExperimentConfig
+from metagrad.core.taskbatch import TaskSampler
 from metagrad.models.conv import miniimagenet_conv, omniglot_conv
 from metagrad.models.mlp import MLP, omniglot_mlp, sinusoid_mlp
-from metagrad.tasks.base import TaskSampler
 from metagrad.tasks.sinusoid import SinusoidTasks
 
 Learner = MAML | BlackBox

@@ -22,7 +22,7 @@ from metagrad.algorithms.reptile import Reptile
 from metagrad.core.inner_loop import inner_loop
 from metagrad.core.solvers import conjugate_gradient, guarded_conjugate_gradient
 from metagrad.models.mlp import MLP
-from metagrad.tasks.base import TaskBatch
+from metagrad.core.taskbatch import TaskBatch
 from metagrad.tasks.sinusoid import SinusoidTasks
 
 DT = torch.float64
@@ -256,7 +256,7 @@ import resource, sys, torch, torch.nn.functional as F
 from metagrad import MAML
 from metagrad.algorithms.imaml import IMAML
 from metagrad.models.mlp import MLP
-from metagrad.tasks.base import TaskBatch
+from metagrad.core.taskbatch import TaskBatch
 torch.set_num_threads(1)
 algo, steps = sys.argv[1], int(sys.argv[2])
 g = torch.Generator().manual_seed(0)

@@ -14,7 +14,7 @@ from metagrad import MAML
 from metagrad.algorithms.mamlpp import MAMLpp
 from metagrad.core.batching import use_vmap
 from metagrad.core.per_step_norm import PerStepBatchNorm, per_step_batch_norm
-from metagrad.tasks.base import TaskBatch
+from metagrad.core.taskbatch import TaskBatch
 from metagrad.training.evaluation import per_step_metrics
 
 DT = torch.float64
