@@ -20,8 +20,8 @@ from timing import environment, interleaved, print_table
 
 from metagrad import MAML
 from metagrad.algorithms.anil import ANIL
-from metagrad.models.conv import omniglot_conv
 from metagrad.core.taskbatch import TaskBatch
+from metagrad.models.conv import omniglot_conv
 
 
 def main() -> None:

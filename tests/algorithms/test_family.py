@@ -21,8 +21,8 @@ from metagrad.algorithms.metasgd import MetaSGD
 from metagrad.algorithms.reptile import Reptile
 from metagrad.core.inner_loop import inner_loop
 from metagrad.core.solvers import conjugate_gradient, guarded_conjugate_gradient
-from metagrad.models.mlp import MLP
 from metagrad.core.taskbatch import TaskBatch
+from metagrad.models.mlp import MLP
 from metagrad.tasks.sinusoid import SinusoidTasks
 
 DT = torch.float64
