@@ -250,6 +250,6 @@ def test_second_order_on_any_module_matches_unrolled_reference(module_cls):
 def test_shared_parameters_appear_once_and_stay_leaves(module_cls):
     model = module_cls()
     maml = MAML(model, F.mse_loss)
-    assert len(maml.params()) == 5 if module_cls is TiedLinear else 6
+    assert len(maml.params()) == (5 if module_cls is TiedLinear else 6)
     maml.meta_loss(*(torch.randn(2, 3, d) for d in (4, 1, 4, 1))).backward()
     assert all(p.is_leaf and p.grad is not None for p in model.parameters())
