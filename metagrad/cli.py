@@ -28,8 +28,7 @@ from metagrad.errors import ConfigError, MetagradError
 DESCRIPTION = ("Gradient-based meta-learning (MAML and its family) for any torch.nn.Module: "
                "train, evaluate, list presets.")
 GROUP_TITLES = {"task": "task", "inner loop": "inner loop", "outer loop": "outer loop",
-                "evaluation": "validation and evaluation", "run": "run",
-                None: "options of the chosen task and algorithm"}
+                "evaluation": "validation and evaluation", "run": "run"}
 
 
 def _flag(name: str) -> str:
@@ -55,8 +54,12 @@ def _add_settings(parser: argparse.ArgumentParser,
     for owner, f in fields:
         if f.name in skip or f.metadata.get("internal"):
             continue
-        title = GROUP_TITLES.get(f.metadata.get("group"), f.metadata.get("group"))
-        if owner is not settings.ExperimentConfig and owner.__name__ != "RLConfig":
+        group = f.metadata.get("group")
+        if owner is settings.ExperimentConfig:
+            title = GROUP_TITLES.get(group, group)
+        elif owner.__name__ == "RLConfig":
+            title = f"meta-RL: {group}" if group else "meta-RL"
+        else:
             title = f"{owner.__name__} (options of the chosen {_owner_kind(owner)})"
         if title not in groups:
             groups[title] = parser.add_argument_group(title)

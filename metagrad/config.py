@@ -137,8 +137,9 @@ def check_ranges(obj: Any) -> None:
                 parts = ([f">= {low}"] if low is not None else []) + (
                     [f"> {above}"] if above is not None else []) + (
                     [f"<= {high}"] if high is not None else [])
-                rule = " and ".join(parts) or "finite"
-                raise ConfigError(f"{f.name} must be a finite number {rule}, got {v!r}")
+                kind = "an integer" if isinstance(v, int) else "a finite number"
+                raise ConfigError(f"{f.name} must be {kind} {' and '.join(parts)}, got {v!r}"
+                                  .replace("  ", " "))
 
 
 def unknown(kind: str, value: str, choices: Iterable[str]) -> str:

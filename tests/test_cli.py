@@ -16,8 +16,8 @@ from metagrad.training import checkpoint as ckpt
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "sinusoid", "--inner-lrr", "0.1"], "unrecognized arguments"),
-    (["train", "sinusoid", "--inner-lr", "-1"], "inner_lr must be a positive number"),
-    (["train", "sinusoid", "--inner-steps", "0"], "inner_steps must be a positive integer"),
+    (["train", "sinusoid", "--inner-lr", "-1"], "inner_lr must be a finite number > 0"),
+    (["train", "sinusoid", "--inner-steps", "0"], "inner_steps must be an integer >= 1"),
     (["train", "sinusoid", "--meta-batch", "abc"], "cannot read 'abc'"),
     (["train", "sinusoid", "--preset", "papr"], "Did you mean 'paper'"),
     (["train", "sinusoid", "--batching", "vmapp"], "Did you mean 'vmap'"),

@@ -74,7 +74,8 @@ class SupervisedJob:
         self._set_meta_lr(iteration)
         for opt in self.optimizers.values():
             opt.step()
-        return {f"loss/{n}": v for n, v in losses.items()}
+        meta_lr = next(iter(self.optimizers.values())).param_groups[0]["lr"]
+        return {**{f"loss/{n}": v for n, v in losses.items()}, "meta_lr": meta_lr}
 
     def validate(self) -> float:
         """The meta-learner's mean query metric after ``inner_steps`` steps on ``val_tasks``
