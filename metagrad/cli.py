@@ -118,7 +118,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         fields = [(RLConfig, f) for f in dataclasses.fields(RLConfig)]
         _add_settings(train, fields, set())
     elif pre.command == "train" and pre.task:
-        task, algo = _task_and_algo(pre)
+        task, algo = _task_and_algo(pre.task, pre.algo, pre.config)
         _add_settings(train, settings.fields_for(task, algo).values(), {"task"})
 
     ev = sub.add_parser("eval", help="evaluate a run directory on held-out test tasks")
@@ -140,17 +140,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _task_and_algo(pre: argparse.Namespace) -> tuple[str, str]:
+def _task_and_algo(task: str, algo: str | None, config: str | None) -> tuple[str, str]:
     """The task and algorithm named on the command line or in ``--config``."""
+    from metagrad.algorithms import ALGORITHMS
     from metagrad.tasks import TASKS
 
-    algo = pre.algo
-    if algo is None and pre.config:
-        algo = settings.load_yaml(pre.config).get("algo")
-    task = TASKS.canonical(pre.task)
-    from metagrad.algorithms import ALGORITHMS
-
-    return task, ALGORITHMS.canonical(str(algo or "maml"))
+    if algo is None and config:
+        algo = settings.load_yaml(config).get("algo")
+    return TASKS.canonical(task), ALGORITHMS.canonical(str(algo or "maml"))
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -261,6 +258,31 @@ def _print_eval(run_dir: Path, out: Path | None, which: str, **kwargs: Any) -> N
         print(f"figure: {f}")
 
 
+def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                    extra: list[str]) -> None:
+    """Explains a flag that belongs to another algorithm, task or to meta-RL; argparse's own
+    message for anything else."""
+    flags = [a for a in extra if a.startswith("--")]
+    if args.command == "train" and flags:
+        name = flags[0][2:].split("=")[0].replace("-", "_")
+        from metagrad.training.rl import RLConfig
+
+        rl_fields = {f.name for f in dataclasses.fields(RLConfig)}
+        if args.task == "rl":
+            if name in settings.SHARED_FIELDS or name in settings.LEGACY_FIELDS:
+                raise ConfigError(f"setting {name!r} is not a meta-RL setting; meta-RL takes "
+                                  f"{', '.join(sorted(rl_fields))}")
+        else:
+            task, algo = _task_and_algo(args.task, getattr(args, 'set_algo', None),
+                                        args.config)
+            if name in rl_fields:
+                raise ConfigError(f"setting {name!r} belongs to meta-RL (`metagrad train rl "
+                                  f"--env ...`), not to task {task!r}")
+            raise ConfigError(settings.not_accepted(name, task, algo,
+                                                    settings.fields_for(task, algo)))
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+
+
 def _presets() -> None:
     from metagrad.tasks import TASKS
     from metagrad.training.rl import ENV_DEFAULTS
@@ -279,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         parser = build_parser(argv)
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            _refuse_unknown(parser, args, extra)
         if args.command == "train":
             _train(args)
         elif args.command == "eval":

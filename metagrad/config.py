@@ -348,7 +348,7 @@ def from_dict(values: dict[str, Any], *, stored: bool = False) -> ExperimentConf
         if name not in accepted:
             if stored and name in LEGACY_FIELDS:
                 continue
-            raise ConfigError(_not_accepted(name, task, algo, accepted))
+            raise ConfigError(not_accepted(name, task, algo, accepted))
         owner, _ = accepted[name]
         parsed.setdefault(owner, {})[name] = coerce_field(owner, name, value)
     shared = parsed.pop(ExperimentConfig, {})
@@ -369,8 +369,10 @@ def _build_options(cls: type, values: dict[str, Any] | None) -> Any:
     return options
 
 
-def _not_accepted(name: str, task: str, algo: str,
-                  accepted: dict[str, tuple[type, dataclasses.Field]]) -> str:
+def not_accepted(name: str, task: str, algo: str,
+                 accepted: dict[str, tuple[type, dataclasses.Field]]) -> str:
+    """Why setting ``name`` is refused: it belongs to another algorithm, or the closest valid
+    name."""
     for other in ALGORITHMS:
         if other != algo and ":" not in other:
             cls = algorithm_class(other)
@@ -396,7 +398,7 @@ def resolve(task: str, preset: str | None = None, overrides: dict[str, Any] | No
     typed = {}
     for k, v in overrides.items():
         if k not in accepted:
-            raise ConfigError(_not_accepted(k, task, algo, accepted))
+            raise ConfigError(not_accepted(k, task, algo, accepted))
         typed[k] = coerce_field(accepted[k][0], k, v)
     presets = presets_of(task)
     if preset is None:

@@ -48,7 +48,7 @@ def test_a_second_training_on_the_same_directory_is_refused(tmp_path):
         assert "Traceback" not in second.stderr
     finally:
         first.send_signal(signal.SIGINT)
-        out, err = first.communicate(timeout=60)
+        _, err = first.communicate(timeout=60)
     assert first.returncode == 0, err
     # the first run's files are its own: config and a loadable checkpoint at its iteration
     state = ckpt.load(ckpt.CheckpointDir(run / "checkpoints").latest())
