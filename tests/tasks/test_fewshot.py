@@ -1,11 +1,8 @@
 """FewShotTasks: episodes over a generated Dataset, a class-indexed tensor and an image folder."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from metagrad.errors import ConfigError, DataError
@@ -218,18 +215,7 @@ def test_items_the_sampler_cannot_stack():
 
 # --- image folders ----------------------------------------------------------------------------
 
-def make_folder(root: Path, classes: int, items: int, size: int = 8, mode: str = "RGB") -> Path:
-    """``root/class_c/item_i.png``: a uniform image whose red value is ``20 c + i``."""
-    for c in range(classes):
-        (root / f"class_{c}").mkdir(parents=True)
-        for i in range(items):
-            value = (20 * c + i, 100, 200)
-            img = Image.new("RGB", (size, size + (i % 2) * (mode == "mixed")), value)
-            img.save(root / f"class_{c}" / f"item_{i}.png")
-    return root
-
-
-def test_folder_episodes(tmp_path):
+def test_folder_episodes(tmp_path, make_folder):
     root = make_folder(tmp_path / "data", classes=5, items=4)
     (root / "class_0" / "notes.txt").write_text("not an image")
     (root / "empty").mkdir()
@@ -246,7 +232,7 @@ def test_folder_episodes(tmp_path):
             assert len(set((r // 20).tolist())) == 1 and len(set(r.tolist())) == 3  # disjoint
 
 
-def test_folder_grey_resize_and_transform(tmp_path):
+def test_folder_grey_resize_and_transform(tmp_path, make_folder):
     root = make_folder(tmp_path / "data", classes=3, items=3, size=10)
     grey = FewShotTasks.from_folder(root, 3, 1, 1, image_size=6, channels=1)
     assert grey.sample(2, torch.Generator()).query_x.shape == (2, 3, 1, 6, 6)
@@ -262,7 +248,7 @@ def test_folder_grey_resize_and_transform(tmp_path):
     assert set(sizes) == {(4, 4)} and float(b.support_x.max()) > 1  # no /255 for float output
 
 
-def test_folder_errors(tmp_path):
+def test_folder_errors(tmp_path, make_folder):
     with pytest.raises(DataError, match="is not a folder"):
         FewShotTasks.from_folder(tmp_path / "nope", 2, 1, 1)
     (tmp_path / "empty" / "a").mkdir(parents=True)
