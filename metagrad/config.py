@@ -119,6 +119,9 @@ def coerce_field(cls: type, name: str, value: Any) -> Any:
     try:
         return coerce_value(value, hint)
     except (TypeError, ValueError, StopIteration):
+        choices = [a for a in get_args(hint) if isinstance(a, str)]
+        if get_origin(hint) is Literal and isinstance(value, str):
+            raise ConfigError(unknown(f"{name} value", value, choices)) from None
         raise ConfigError(f"{name}: cannot read {value!r} as {describe_type(hint)}") from None
 
 
@@ -379,7 +382,10 @@ def not_accepted(name: str, task: str, algo: str,
             if name in {f.name for f in dataclasses.fields(options_class(cls))}:
                 return (f"setting {name!r} belongs to algorithm {other!r}, not {algo!r}; add "
                         f"--algo {other} or remove it")
-    return unknown(f"setting for task {task!r} with algorithm {algo!r}", name, list(accepted))
+    close = difflib.get_close_matches(name, list(accepted), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return (f"unknown setting {name!r} for task {task!r} with algorithm {algo!r}.{hint} "
+            f"`metagrad train {task} --algo {algo} --help` lists the settings")
 
 
 def presets_of(task: str) -> dict[str, dict[str, Any]]:

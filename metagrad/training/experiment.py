@@ -46,8 +46,10 @@ class Experiment:
 
 
 def build(cfg: ExperimentConfig, device: torch.device | str = "cpu") -> Experiment:
-    """The task (its registered factory called with ``cfg``) and the learners, on ``device``."""
-    setup = task_factory(cfg.task)(cfg)
+    """The task (its registered factory called with ``cfg``, whose ``device`` is then the
+    resolved one) and the learners, on ``device``."""
+    device = torch.device(device)
+    setup = task_factory(cfg.task)(dataclasses.replace(cfg, device=str(device)))
     model = setup.make_model()
     # copied first: an algorithm may change its model in place (MAML++'s per-step BatchNorm)
     baseline_model = copy.deepcopy(model)
@@ -59,4 +61,4 @@ def build(cfg: ExperimentConfig, device: torch.device | str = "cpu") -> Experime
         plain = dataclasses.replace(settings, compile=False, checkpoint_inner_steps=False)
         learners[PRETRAINED] = algorithm_class(PRETRAINED).from_config(
             baseline_model, loss, plain, NoOptions())
-    return Experiment(cfg, setup, learners, torch.device(device))
+    return Experiment(cfg, setup, learners, device)
