@@ -7,8 +7,12 @@ from metagrad.errors import CheckpointError, ConfigError
 from metagrad.rl.maml_rl import MAMLRL, RLConfig
 
 
+def test_unknown_env_name_is_refused_when_the_env_is_built():
+    with pytest.raises(ConfigError, match="unknown RL environment 'HalfCheetah'"):
+        MAMLRL(RLConfig(env="HalfCheetah"))
+
+
 @pytest.mark.parametrize(("settings", "message"), [
-    ({"env": "HalfCheetah"}, "unknown RL environment"),
     ({"method": "reptile"}, "method"),
     ({"hvp": "fisher"}, "hvp"),
     ({"meta_batch": 0}, "meta_batch"),

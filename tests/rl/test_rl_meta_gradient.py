@@ -6,7 +6,7 @@ import torch
 from torch.distributions import kl_divergence
 
 from metagrad.models.policies import GaussianMLPPolicy
-from metagrad.rl.maml_rl import OldPolicy, TaskData, adapt, meta_objective
+from metagrad.rl.objectives import OldPolicy, TaskData, adapt, meta_objective
 from metagrad.rl.sampler import Episodes, action_distribution
 from metagrad.rl.trpo import flatten, hessian_vector_product, unflatten
 
@@ -58,8 +58,7 @@ def problem(first_order: bool = False):
     old = OldPolicy(log_prob.detach(), loc.detach(), scale.detach())
 
     def objective(p):
-        return meta_objective(policy, p, pre, post, old, lr=0.5, inner_steps=1,
-                              first_order=first_order)
+        return meta_objective(policy, p, [pre], post, old, lr=0.5, first_order=first_order)
 
     return params, objective
 
