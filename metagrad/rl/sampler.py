@@ -1,5 +1,9 @@
 """Batched episode sampling: every task's rollouts run in one loop over time, the policy evaluated
-once per step for all of them (per-task adapted parameters through ``vmap``)."""
+once per step for all of them (per-task adapted parameters through ``vmap``).
+
+Episodes live on the device of the policy's parameters: observations, rewards and ``done`` are
+moved there from wherever the environment simulates; the action noise is drawn on the
+generator's device (so a seed gives the same episodes on every device)."""
 
 from __future__ import annotations
 
@@ -50,23 +54,28 @@ def sample_episodes(policy: GaussianMLPPolicy, params: Mapping[str, Tensor], env
                     rollouts: int, generator: torch.Generator, *,
                     per_task: bool = False) -> Episodes:
     """``rollouts`` episodes on each of the env's current tasks (set by ``env.reset_task``),
-    actions drawn from π_params; stops early once every episode is done."""
-    obs = env.reset(rollouts, generator)
+    actions a ~ π_params(·|s) given to ``env.step`` on the parameters' device; stops early once
+    every episode is done. Steps after an episode's first ``done`` are padding (mask 0)."""
+    device = next(iter(params.values())).device
+    obs = env.reset(rollouts, generator).to(device)
     tasks, horizon = obs.shape[0], env.horizon
     all_obs = obs.new_zeros(tasks, rollouts, horizon, env.obs_dim)
     actions = obs.new_zeros(tasks, rollouts, horizon, env.act_dim)
     rewards = obs.new_zeros(tasks, rollouts, horizon)
     masks = obs.new_zeros(tasks, rollouts, horizon)
-    alive = torch.ones(tasks, rollouts, dtype=torch.bool)
+    alive = torch.ones(tasks, rollouts, dtype=torch.bool, device=device)
     for t in range(horizon):
         mean, std = action_distribution(policy, params, obs, per_task)
-        action = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
+                            device=generator.device)
+        action = mean + std * noise.to(device)
         all_obs[:, :, t] = obs
         actions[:, :, t] = action
         masks[:, :, t] = alive.to(masks.dtype)
         obs, reward, done = env.step(action)
-        rewards[:, :, t] = reward * alive
-        alive = alive & ~done
+        obs = obs.to(device)
+        rewards[:, :, t] = reward.to(device) * alive
+        alive = alive & ~done.to(device)
         if not alive.any():
             break
     return Episodes(all_obs, actions, rewards, masks)

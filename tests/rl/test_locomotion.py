@@ -31,7 +31,7 @@ def test_half_cheetah_vel_reward_and_determinism():
     expected = -(velocity - torch.tensor([[1.5], [0.0]])).abs() - 0.05 * 6
     torch.testing.assert_close(reward, expected)
     assert not done.any() and obs2.shape == (2, 2, 17) and not torch.equal(obs, obs2)
-    other = make_env("HalfCheetahVel", horizon=5, nthread=2)  # threads do not change results
+    other = make_env("HalfCheetahVel", horizon=5, env_threads=2)  # threads do not change results
     other.reset_task(torch.tensor([1.5, 0.0]))
     torch.testing.assert_close(other.reset(2, torch.Generator().manual_seed(0)), obs)
     torch.testing.assert_close(other.step(actions)[0], obs2)

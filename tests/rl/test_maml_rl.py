@@ -7,11 +7,16 @@ from metagrad.errors import CheckpointError, ConfigError
 from metagrad.rl.maml_rl import MAMLRL, RLConfig
 
 
+def test_unknown_env_name_is_refused_when_the_env_is_built():
+    with pytest.raises(ConfigError, match="unknown RL environment 'HalfCheetah'"):
+        MAMLRL(RLConfig(env="HalfCheetah"))
+
+
 @pytest.mark.parametrize(("settings", "message"), [
-    ({"env": "HalfCheetah"}, "unknown RL environment"),
     ({"method": "reptile"}, "method"),
     ({"hvp": "fisher"}, "hvp"),
     ({"meta_batch": 0}, "meta_batch"),
+    ({"inner_steps": 0}, "inner_steps"),
     ({"inner_lr": 0.0}, "inner_lr"),
     ({"ls_backtrack": 1.5}, "ls_backtrack"),
     ({"gamma": 1.2}, "gamma"),
@@ -51,7 +56,8 @@ def test_state_dict_round_trip_resumes_identically():
 
 
 @pytest.mark.parametrize("settings", [{"first_order": True}, {"hvp": "finite_difference"},
-                                      {"method": "pretrain"}, {"fvp_fraction": 1.0}])
+                                      {"method": "pretrain"}, {"fvp_fraction": 1.0},
+                                      {"inner_steps": 2}])
 def test_variants_take_a_trust_region_step(settings):
     trainer = MAMLRL(tiny(**settings))
     before = [p.detach().clone() for p in trainer.policy.parameters()]

@@ -1,12 +1,12 @@
-"""The MAML-RL meta-objective: policy, meta-gradient and Hessian-vector products through the
-adaptation step, against central finite differences in float64."""
+"""The MAML-RL meta-objective: policy, meta-gradient and Hessian-vector products through one and
+two adaptation steps, against central finite differences in float64."""
 
 import pytest
 import torch
 from torch.distributions import kl_divergence
 
 from metagrad.models.policies import GaussianMLPPolicy
-from metagrad.rl.maml_rl import OldPolicy, TaskData, adapt, meta_objective
+from metagrad.rl.objectives import OldPolicy, TaskData, adapt, meta_objective
 from metagrad.rl.sampler import Episodes, action_distribution
 from metagrad.rl.trpo import flatten, hessian_vector_product, unflatten
 
@@ -47,19 +47,21 @@ def test_policy_functional_call_and_self_kl():
     torch.testing.assert_close(policy.log_prob(obs, actions), by_hand)
 
 
-def problem(first_order: bool = False):
+def problem(first_order: bool = False, steps: int = 1, lr: float = 0.5):
+    """θ ↦ meta-objective through ``steps`` adaptation steps, step k on its own fixed episodes;
+    π_old is the policy those steps reach from θ (so the KL is 0 there)."""
     policy = tiny_policy()
     params = dict(policy.named_parameters())
-    pre, post = fixed_task_data(1), fixed_task_data(2)
-    theta0 = {n: p.detach() for n, p in params.items()}
-    adapted = adapt(policy, theta0, pre, lr=0.5)  # a large α makes the second-order term visible
+    pre, post = [fixed_task_data(1 + 2 * k) for k in range(steps)], fixed_task_data(2)
+    adapted = {n: p.detach() for n, p in params.items()}
+    for k, data in enumerate(pre):  # a large α makes the second-order terms visible
+        adapted = adapt(policy, adapted, data, lr=lr, per_task=k > 0)
     loc, scale = action_distribution(policy, adapted, post.episodes.obs, per_task=True)
     log_prob = torch.distributions.Normal(loc, scale).log_prob(post.episodes.actions).sum(-1)
     old = OldPolicy(log_prob.detach(), loc.detach(), scale.detach())
 
     def objective(p):
-        return meta_objective(policy, p, pre, post, old, lr=0.5, inner_steps=1,
-                              first_order=first_order)
+        return meta_objective(policy, p, pre, post, old, lr=lr, first_order=first_order)
 
     return params, objective
 
@@ -74,8 +76,12 @@ def finite_difference_gradient(fn, params, eps=1e-6):
     return grad
 
 
-def test_meta_gradient_matches_finite_differences():
-    params, objective = problem()
+STEPS_AND_RATES = [(1, 0.5), (2, 0.1)]  # two steps of 0.5 shrink a std to e^-7.6: ill-posed
+
+
+@pytest.mark.parametrize(("steps", "lr"), STEPS_AND_RATES)
+def test_meta_gradient_matches_finite_differences(steps, lr):
+    params, objective = problem(steps=steps, lr=lr)
     loss, kl = objective(params)
     autograd = flatten(dict(zip(params, torch.autograd.grad(loss, list(params.values())),
                                 strict=True)))
@@ -83,15 +89,16 @@ def test_meta_gradient_matches_finite_differences():
     torch.testing.assert_close(autograd, numeric, rtol=1e-6, atol=1e-8)
     assert float(kl.detach()) == pytest.approx(0.0, abs=1e-14)  # the old policy is the current one
 
-    first_params, first_order = problem(first_order=True)
+    first_params, first_order = problem(first_order=True, steps=steps, lr=lr)
     fo_loss, _ = first_order(first_params)
     fo = flatten(dict(zip(first_params, torch.autograd.grad(fo_loss, list(
         first_params.values())), strict=True)))
     assert (fo - numeric).abs().max() > 1e-3  # the second-order term matters here
 
 
-def test_meta_kl_hessian_vector_product_matches_finite_differences():
-    params, objective = problem()
+@pytest.mark.parametrize(("steps", "lr"), STEPS_AND_RATES)
+def test_meta_kl_hessian_vector_product_matches_finite_differences(steps, lr):
+    params, objective = problem(steps=steps, lr=lr)
     v = torch.randn(sum(p.numel() for p in params.values()),
                     generator=torch.Generator().manual_seed(3), dtype=DT)
     exact = hessian_vector_product(lambda p: objective(p)[1], params, mode="exact", damping=0.0)
@@ -109,3 +116,20 @@ def test_meta_kl_hessian_vector_product_matches_finite_differences():
 
     curvature = (kl_at(x0 + eps * v) - 2 * kl_at(x0) + kl_at(x0 - eps * v)) / eps ** 2
     assert float(v @ hv) == pytest.approx(float(curvature), rel=1e-5)
+
+
+def test_two_steps_adapt_on_their_own_episodes():
+    """Step 2 descends the loss of the second episode set: not the same as two steps on the
+    first set, nor one step."""
+    policy = tiny_policy()
+    params = dict(policy.named_parameters())
+    first, second, post = fixed_task_data(1), fixed_task_data(3), fixed_task_data(2)
+    old = OldPolicy(torch.zeros(2, 2, 4, dtype=DT), torch.zeros(2, 2, 4, 2, dtype=DT),
+                    torch.ones(2, 2, 4, 2, dtype=DT))
+
+    def loss(pre):
+        return meta_objective(policy, params, pre, post, old, lr=0.1, first_order=False)[0]
+
+    two = loss([first, second])
+    assert not torch.allclose(two, loss([first, first]))
+    assert not torch.allclose(two, loss([first]))

@@ -2,7 +2,11 @@
 
 One environment object holds a batch of tasks and, per task, a batch of rollouts; ``step``
 advances all of them at once. Observations, actions and rewards are torch tensors shaped
-``[tasks, rollouts, ...]``.
+``[tasks, rollouts, ...]``, on any device: the sampler moves what the environment returns to the
+policy's device, and the environment moves the actions to wherever it simulates.
+
+An episode ends at its first ``done`` (or after ``horizon`` steps); what the environment returns
+for it afterwards is ignored (masked out by the sampler).
 """
 
 from __future__ import annotations

@@ -24,13 +24,16 @@ import importlib
 import importlib.resources
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from metagrad.errors import ConfigError
+
+if TYPE_CHECKING:
+    from metagrad.rl.settings import RLConfig
 
 
 def import_mujoco() -> ModuleType:
@@ -71,15 +74,19 @@ class Locomotion:
     """``robot`` ∈ {"half_cheetah", "ant"}, ``task`` ∈ {"vel", "dir"}; see the module doc.
 
     Args:
-        horizon: episode length H.
+        horizon: episode length H (None: 200).
         nthread: MuJoCo rollout threads (0 = the calling thread).
         frame_skip: physics steps per action.
+        device: where observations, rewards and tasks are returned (MuJoCo simulates on the CPU).
     """
 
     reset_noise = 0.1
+    default_horizon = 200
 
     def __init__(self, robot: Literal["half_cheetah", "ant"], task: Literal["vel", "dir"], *,
-                 horizon: int = 200, nthread: int = 0, frame_skip: int = 5) -> None:
+                 horizon: int | None = None, nthread: int = 0, frame_skip: int = 5,
+                 device: torch.device | str = "cpu") -> None:
+        horizon = self.default_horizon if horizon is None else horizon
         if robot not in ROBOTS:
             raise ConfigError(f"robot must be one of {sorted(ROBOTS)}, got {robot!r}")
         if task not in ("vel", "dir"):
@@ -97,6 +104,7 @@ class Locomotion:
         self.task = task
         self.horizon = horizon
         self.frame_skip = frame_skip
+        self.device = torch.device(device)
         self.bonus = self.robot.bonus + (self.robot.velocity_bonus if task == "vel" else 0.0)
         assets = importlib.resources.files("gymnasium") / "envs" / "mujoco" / "assets"
         self.model = mujoco.MjModel.from_xml_path(str(assets / self.robot.xml))
@@ -113,38 +121,44 @@ class Locomotion:
         self.obs_dim = self.model.nq - self.robot.obs_skip + self.model.nv
         self.act_dim = self.model.nu
         low, high = self.model.actuator_ctrlrange.T
-        self._ctrl_low = torch.as_tensor(low, dtype=torch.float32)
-        self._ctrl_high = torch.as_tensor(high, dtype=torch.float32)
-        self.tasks = torch.zeros(0)
+        self._ctrl_low = torch.as_tensor(low, dtype=torch.float32, device="cpu")
+        self._ctrl_high = torch.as_tensor(high, dtype=torch.float32, device="cpu")
+        self.tasks = torch.zeros(0, device="cpu")
         self._state = np.empty((0, self._nstate))
         self._shape: tuple[int, int] = (0, 0)
 
     def sample_tasks(self, n: int, generator: torch.Generator) -> Tensor:
         """Goal velocities U[0, max] (``vel``) or directions ±1 (``dir``), shape ``[n]``."""
         if self.task == "vel":
-            return torch.rand(n, generator=generator) * self.robot.max_goal_velocity
-        return torch.randint(0, 2, (n,), generator=generator).float() * 2 - 1
+            goals = (torch.rand(n, generator=generator, device=generator.device)
+                     * self.robot.max_goal_velocity)
+        else:
+            goals = torch.randint(0, 2, (n,), generator=generator,
+                                  device=generator.device).float() * 2 - 1
+        return goals.to(self.device)
 
     def reset_task(self, tasks: Tensor) -> None:
         if tasks.dim() != 1:
             raise ConfigError(f"locomotion tasks have shape [n], got {tuple(tasks.shape)}")
-        self.tasks = tasks.float()
+        self.tasks = tasks.detach().float().cpu()
 
     def reset(self, rollouts: int, generator: torch.Generator) -> Tensor:
         n = len(self.tasks) * rollouts
         nq, nv = self.model.nq, self.model.nv
-        noise_q = (torch.rand(n, nq, generator=generator, dtype=torch.float64) * 2 - 1)
-        noise_v = torch.randn(n, nv, generator=generator, dtype=torch.float64)
+        noise_q = (torch.rand(n, nq, generator=generator, dtype=torch.float64,
+                              device=generator.device) * 2 - 1)
+        noise_v = torch.randn(n, nv, generator=generator, dtype=torch.float64,
+                              device=generator.device)
         self._state = np.repeat(self._initial[None], n, axis=0)
-        self._state[:, self._qpos] += self.reset_noise * noise_q.numpy()
-        self._state[:, self._qvel] += self.reset_noise * noise_v.numpy()
+        self._state[:, self._qpos] += self.reset_noise * noise_q.cpu().numpy()
+        self._state[:, self._qvel] += self.reset_noise * noise_v.cpu().numpy()
         self._shape = (len(self.tasks), rollouts)
         return self._observe()
 
     def _observe(self) -> Tensor:
         qpos = self._state[:, self._qpos][:, self.robot.obs_skip:]
         obs = np.concatenate([qpos, self._state[:, self._qvel]], axis=1)
-        return torch.from_numpy(obs).float().view(*self._shape, self.obs_dim)
+        return torch.from_numpy(obs).float().view(*self._shape, self.obs_dim).to(self.device)
 
     def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if actions.shape != (*self._shape, self.act_dim):
@@ -152,7 +166,7 @@ class Locomotion:
                 f"actions must have shape {(*self._shape, self.act_dim)} [tasks, rollouts, act], "
                 f"got {tuple(actions.shape)}"
             )
-        action = torch.maximum(torch.minimum(actions.detach().float(), self._ctrl_high),
+        action = torch.maximum(torch.minimum(actions.detach().float().cpu(), self._ctrl_high),
                                self._ctrl_low)
         control = action.reshape(-1, 1, self.act_dim).double().numpy()
         x_before = self._state[:, self._qpos.start].copy()
@@ -164,9 +178,18 @@ class Locomotion:
         goal = self.tasks[:, None]
         forward = -(velocity - goal).abs() if self.task == "vel" else goal * velocity
         reward = forward + self.bonus - self.robot.ctrl_cost * action.square().sum(-1)
-        return self._observe(), reward, torch.zeros(self._shape, dtype=torch.bool)
+        done = torch.zeros(self._shape, dtype=torch.bool, device=self.device)
+        return self._observe(), reward.to(self.device), done
 
     def close(self) -> None:
         """Frees the rollout thread pool."""
         self._rollout.close()
 
+
+
+def from_config(robot: Literal["half_cheetah", "ant"], task: Literal["vel", "dir"],
+                config: RLConfig, device: torch.device) -> Locomotion:
+    """The registry's factory (``robot`` and ``task`` bound per entry): ``horizon`` and
+    ``env_threads``."""
+    return Locomotion(robot, task, horizon=config.horizon, nthread=config.env_threads,
+                      device=device)
