@@ -113,7 +113,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                        "package.module:factory, or rl (meta-RL on --env)")
     _common_train_flags(train)
     if pre.command == "train" and pre.task == "rl":
-        from metagrad.training.rl import RLConfig
+        from metagrad.rl.settings import RLConfig
 
         fields = [(RLConfig, f) for f in dataclasses.fields(RLConfig)]
         _add_settings(train, fields, set())
@@ -265,7 +265,7 @@ def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace,
     flags = [a for a in extra if a.startswith("--")]
     if args.command == "train" and flags:
         name = flags[0][2:].split("=")[0].replace("-", "_")
-        from metagrad.training.rl import RLConfig
+        from metagrad.rl.settings import RLConfig
 
         rl_fields = {f.name for f in dataclasses.fields(RLConfig)}
         if args.task == "rl":

@@ -13,161 +13,26 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
-import types
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
-
-import yaml
+from typing import Any, Literal
 
 from metagrad.algorithms import ALGORITHMS
 from metagrad.algorithms.base import Capabilities, LearnerSettings, NoOptions
 from metagrad.errors import ConfigError
+from metagrad.parsing import (
+    coerce_field,
+    describe_type,
+    load_yaml,
+    setting,
+    type_hints,
+    unknown,
+    validate_fields,
+)
 from metagrad.tasks import TASKS
 
-TRUE = ("true", "yes", "on", "1")
-FALSE = ("false", "no", "off", "0")
-
-
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None,
-            max: float | None = None, above: float | None = None, group: str | None = None,
-            default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field documented by ``help``, with its valid range: ``min <= value <= max``,
-    ``value > above``; ``group`` places its flag in ``--help``."""
-    metadata = {"help": help, "min": min, "max": max, "above": above, "group": group}
-    if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-# -- the parser ----------------------------------------------------------------------------------
-
-def _empty(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null",
-                                                                                  ""))
-
-
-def coerce_value(value: Any, hint: Any) -> Any:
-    """``value`` (from YAML or the command line) as type ``hint``: bool (true/false, yes/no,
-    on/off, 1/0), int, float, str, ``Literal[...]``, ``tuple[T, ...]``, ``list[T]``, ``X | None``.
-    Raises ``ValueError``/``TypeError`` when it is not one."""
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):
-        if _empty(value) and type(None) in args:
-            return None
-        return coerce_value(value, next(a for a in args if a is not type(None)))
-    if _empty(value):
-        raise ValueError("empty")
-    if origin is Literal:
-        if str(value) not in [str(a) for a in args]:
-            raise ValueError(value)
-        return str(value)
-    if origin in (tuple, list):
-        if isinstance(value, str):
-            value = value.strip("()[] ").replace(",", " ").split()
-        elif not isinstance(value, list | tuple):
-            value = [value]
-        items = [coerce_value(v, args[0]) for v in value]
-        return tuple(items) if origin is tuple else items
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in TRUE or text in FALSE:
-            return text in TRUE
-        raise ValueError(value)
-    if hint in (int, float):
-        if isinstance(value, bool):
-            raise TypeError("a boolean is not a number")
-        if hint is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            if isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
-                number = float(value)
-                if not number.is_integer():
-                    raise ValueError(value)
-                return int(number)
-            return int(value)
-        return float(value)
-    if isinstance(value, dict | list):
-        raise TypeError("expected a single value")
-    return str(value)
-
-
-def describe_type(hint: Any) -> str:
-    """A reader's name for ``hint`` (``int``, ``one of a, b``, ``list of int``, ``... or none``)."""
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):
-        inner = [describe_type(a) for a in args if a is not type(None)]
-        return " or ".join(inner) + (" or none" if type(None) in args else "")
-    if origin is Literal:
-        return "one of " + ", ".join(str(a) for a in args)
-    if origin in (tuple, list):
-        return f"list of {describe_type(args[0])}"
-    return getattr(hint, "__name__", str(hint))
-
-
-def type_hints(cls: type) -> dict[str, Any]:
-    return get_type_hints(cls)
-
-
-def coerce_field(cls: type, name: str, value: Any) -> Any:
-    """``value`` read as the type of field ``name`` of dataclass ``cls``, or a ConfigError."""
-    hint = type_hints(cls)[name]
-    try:
-        return coerce_value(value, hint)
-    except (TypeError, ValueError, StopIteration):
-        choices = [a for a in get_args(hint) if isinstance(a, str)]
-        if get_origin(hint) is Literal and isinstance(value, str):
-            raise ConfigError(unknown(f"{name} value", value, choices)) from None
-        raise ConfigError(f"{name}: cannot read {value!r} as {describe_type(hint)}") from None
-
-
-def check_ranges(obj: Any) -> None:
-    """Every numeric field of dataclass ``obj`` is finite and within its declared range."""
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        values = value if isinstance(value, list | tuple) else [value]
-        for v in values:
-            if not isinstance(v, int | float) or isinstance(v, bool):
-                continue
-            low, high, above = (f.metadata.get(k) for k in ("min", "max", "above"))
-            bad = not math.isfinite(v) or (low is not None and v < low) or (
-                high is not None and v > high) or (above is not None and v <= above)
-            if bad:
-                parts = ([f">= {low}"] if low is not None else []) + (
-                    [f"> {above}"] if above is not None else []) + (
-                    [f"<= {high}"] if high is not None else [])
-                kind = "an integer" if isinstance(v, int) else "a finite number"
-                raise ConfigError(f"{f.name} must be {kind} {' and '.join(parts)}, got {v!r}"
-                                  .replace("  ", " "))
-
-
-def unknown(kind: str, value: str, choices: Iterable[str]) -> str:
-    choices = list(choices)
-    close = difflib.get_close_matches(str(value), choices, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"unknown {kind} {value!r}.{hint} Valid: {', '.join(choices)}"
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping of settings from ``path``, or a ConfigError saying what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"config file {path} is not readable YAML ({first})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
-        raise ConfigError(f"config file {path} must hold a mapping of setting: value")
-    return data
-
+__all__ = ["ExperimentConfig", "RunSettings", "coerce_field", "describe_type", "from_dict",
+           "load_yaml", "resolve", "setting", "type_hints", "validate_fields"]
 
 # -- shared settings -----------------------------------------------------------------------------
 
@@ -249,6 +114,16 @@ class ExperimentConfig(RunSettings):
     algo_options: Any = field(default=None, repr=False, metadata={"internal": True})
 
     # -- structure ----------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        """An option of the task or the algorithm by its flat name (``cfg.ways``)."""
+        if name.startswith("__") or name in ("task_options", "algo_options"):
+            raise AttributeError(name)
+        for options in (self.task_options, self.algo_options):
+            if options is not None and hasattr(options, name):
+                return getattr(options, name)
+        raise AttributeError(f"{type(self).__name__} has no setting {name!r} for task "
+                             f"{self.task!r} with algorithm {self.algo!r}")
+
     def shared_items(self) -> Iterator[tuple[str, Any]]:
         for f in dataclasses.fields(self):
             if not f.metadata.get("internal"):
@@ -264,6 +139,7 @@ class ExperimentConfig(RunSettings):
 
     @property
     def capabilities(self) -> Capabilities:
+        """What the chosen algorithm can use (its class's ``capabilities``)."""
         return algorithm_class(self.algo).capabilities
 
     def learner_settings(self, classes: int | None, device: Any) -> LearnerSettings:
@@ -274,23 +150,11 @@ class ExperimentConfig(RunSettings):
 
     def validate(self) -> ExperimentConfig:
         """Ranges of every field, and the settings the algorithm cannot use refused."""
-        check_ranges(self)
+        validate_fields(self)
         if self.min_meta_lr > self.meta_lr and self.meta_lr_schedule == "cosine":
             raise ConfigError(f"min_meta_lr={self.min_meta_lr} is above meta_lr={self.meta_lr}; "
                               "the cosine schedule anneals from meta_lr down to min_meta_lr")
-        caps = self.capabilities
-        defaults = {f.name: f.default for f in dataclasses.fields(ExperimentConfig)}
-        refused = {
-            "first_order": caps.first_order and caps.inner_loop,
-            "learn_inner_lr": caps.learn_inner_lr and caps.inner_loop,
-            "compile": caps.compile,
-            "checkpoint_inner_steps": caps.checkpoint_inner_steps,
-            "batching": caps.batching,
-        }
-        for name, allowed in refused.items():
-            if not allowed and getattr(self, name) != defaults[name]:
-                raise ConfigError(f"{name}={getattr(self, name)!r} does not apply to algorithm "
-                                  f"{self.algo!r}; remove it")
+        self.capabilities.check(self.learner_settings(None, "cpu"), self.algo)
         if self.checkpoint_inner_steps and (self.compile or self.batching == "vmap"):
             raise ConfigError("checkpoint_inner_steps works with looped tasks only: remove "
                               "compile and batching=vmap")
@@ -368,7 +232,7 @@ def _build_options(cls: type, values: dict[str, Any] | None) -> Any:
         options = cls(**(values or {}))
     except TypeError as exc:  # a required option without a value
         raise ConfigError(f"{cls.__name__}: {exc}") from None
-    check_ranges(options)
+    validate_fields(options)
     return options
 
 

@@ -65,7 +65,7 @@ def test_corrupt_checkpoint_is_refused_by_eval(tmp_path, capsys):
                  "--out", str(run)]) == 0
     latest = ckpt.CheckpointDir(run / "checkpoints").latest()
     latest.write_bytes(latest.read_bytes()[:100])
-    assert main(["eval", str(run)]) == 2
+    assert main(["eval", str(run), "--checkpoint", "last"]) == 2
     assert "not a metagrad checkpoint" in capsys.readouterr().err
 
 

@@ -17,7 +17,7 @@ import torch
 from metagrad.config import ExperimentConfig, from_dict
 from metagrad.distributed import Distributed, resolve_device
 from metagrad.errors import ConfigError
-from metagrad.rl.maml_rl import RLConfig
+from metagrad.rl.settings import RLConfig
 from metagrad.training import checkpoint as ckpt
 from metagrad.training.lock import RunLock
 from metagrad.training.run import Run, RunDirectory

@@ -13,24 +13,21 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 import torch
 
 from metagrad.distributed import Distributed
 from metagrad.errors import CheckpointError
 from metagrad.rl.envs import canonical_env_name
-from metagrad.rl.maml_rl import MAMLRL, RLConfig
+from metagrad.rl.maml_rl import MAMLRL
+from metagrad.rl.settings import RLConfig
 from metagrad.training import checkpoint as ckpt
 from metagrad.training.evaluation import EvalRow, rows_from_curves
 from metagrad.training.plots import plot_metric_vs_steps
 from metagrad.training.report import format_table
 from metagrad.training.rl_plots import plot_navigation_trajectories
 from metagrad.training.run import TEST_SEED_OFFSET, VAL_SEED_OFFSET, RunDirectory, diverged
-
-RL_FIELDS: dict[str, Any] = get_type_hints(RLConfig)
-"""Every RL setting and its type (for command-line flags; values are read by
-:meth:`RLConfig.coerce`)."""
 
 _LOCOMOTION = dict(meta_batch=40, rollouts=20, horizon=200, inner_lr=0.1, iterations=500)
 ENV_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -65,10 +62,10 @@ def rl_config_from_dict(values: dict[str, Any]) -> RLConfig:
 def make_learners(cfg: RLConfig, distributed: Distributed | None = None,
                   device: torch.device | str = "cpu") -> dict[str, MAMLRL]:
     """The configured method and, with ``baseline`` (and method maml), the pretrained policy."""
-    learners = {METHOD_NAMES[cfg.method]: MAMLRL(cfg, distributed=distributed)}
+    learners = {METHOD_NAMES[cfg.method]: MAMLRL(cfg, distributed=distributed, device=device)}
     if cfg.baseline and cfg.method == "maml":
         learners["pretrained"] = MAMLRL(dataclasses.replace(cfg, method="pretrain"),
-                                        distributed=distributed)
+                                        distributed=distributed, device=device)
     return learners
 
 

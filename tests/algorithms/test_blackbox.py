@@ -161,10 +161,10 @@ def test_short_training_on_synthetic_five_way_gets_far_above_chance():
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("first_order", True, "first_order does not apply"),
-    ("learn_inner_lr", True, "no inner rate"),
-    ("compile", True, "not blackbox"),
-    ("batching", "loop", "batching='loop' does not apply"),
+    ("first_order", True, "blackbox cannot use first_order=True"),
+    ("learn_inner_lr", True, "blackbox cannot use learn_inner_lr=True"),
+    ("compile", True, "blackbox cannot use compile=True"),
+    ("batching", "loop", "blackbox cannot use batching='loop'"),
     ("blackbox_heads", 3, "divisible"),
 ])
 def test_inner_loop_settings_are_refused(flag, value, message):
@@ -183,9 +183,9 @@ def test_resume_is_bit_identical(tmp_path):
     full = train(small(), tmp_path / "full", progress=False)
     train(small(iterations=20), tmp_path / "split", progress=False)
     resumed = train(None, tmp_path / "split", resume=True, iterations=30, progress=False)
-    a, b = (t.exp.learners["blackbox"].state_dict() for t in (full, resumed))
+    a, b = (t.job.learners["blackbox"].state_dict() for t in (full, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert set(full.exp.learners) == {"blackbox", "pretrained"}
+    assert set(full.job.learners) == {"blackbox", "pretrained"}
 
 
 def test_cli_train_then_eval(tmp_path, capsys):
@@ -197,7 +197,7 @@ def test_cli_train_then_eval(tmp_path, capsys):
     state = ckpt.load(ckpt.CheckpointDir(run / "checkpoints").latest())
     assert state["iteration"] == 20 and "blackbox" in state["learners"]
     capsys.readouterr()
-    assert main(["eval", str(run)]) == 0
+    assert main(["eval", str(run), "--out", str(run)]) == 0
     out = capsys.readouterr().out
     assert "blackbox takes no gradient steps" in out
     rows = json.loads((run / "eval.json").read_text())["results"]

@@ -330,20 +330,22 @@ def test_state_dict_round_trip():
 def test_config_builds_mamlpp_with_per_step_batch_norm(monkeypatch):
     from metagrad.cli import build_parser
     from metagrad.config import resolve
-    from metagrad.training import experiment
+    from metagrad.models.conv import omniglot_conv
 
-    args = build_parser().parse_args(["train", "omniglot", "--algo", "mamlpp",
-                                      "--mamlpp-per-step-bn", "true"])
+    argv = ["train", "omniglot", "--algo", "mamlpp", "--mamlpp-per-step-bn", "true"]
+    args = build_parser(argv).parse_args(argv)
     assert args.set_mamlpp_per_step_bn == "true"
     cfg = resolve("omniglot", None, {"algo": "mamlpp", "mamlpp_per_step_bn": "true",
                                      "inner_steps": 3})
     assert cfg.mamlpp_per_step_bn is True
-    learner = experiment.make_learner(cfg, MAMLpp, experiment.omniglot_conv(5), "accuracy")
+    learner = MAMLpp.from_config(omniglot_conv(5), F.cross_entropy,
+                                 cfg.learner_settings(5, "cpu"), cfg.algo_options)
     layers = [m for m in learner.model.modules() if isinstance(m, PerStepBatchNorm)]
     assert layers and all(m.slots == 4 for m in layers)
     assert not any(type(m) is nn.BatchNorm2d for m in learner.model.modules())
-    off = experiment.make_learner(resolve("omniglot", None, {"algo": "mamlpp"}), MAMLpp,
-                                  experiment.omniglot_conv(5), "accuracy")
+    plain = resolve("omniglot", None, {"algo": "mamlpp"})
+    off = MAMLpp.from_config(omniglot_conv(5), F.cross_entropy, plain.learner_settings(5, "cpu"),
+                             plain.algo_options)
     assert not any(isinstance(m, PerStepBatchNorm) for m in off.model.modules())
 
 

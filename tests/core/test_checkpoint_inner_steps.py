@@ -12,7 +12,6 @@ from metagrad.cli import build_parser
 from metagrad.config import resolve
 from metagrad.core.inner_loop import inner_loop
 from metagrad.errors import ConfigError
-from metagrad.training.experiment import make_learner
 
 DT = torch.float64
 
@@ -179,12 +178,14 @@ def test_incompatible_settings_are_refused():
 
 
 def test_config_and_command_line_switch_it_on():
-    args = build_parser().parse_args(["train", "omniglot", "--checkpoint-inner-steps",
-                                      "--ways", "20"])
+    argv = ["train", "omniglot", "--checkpoint-inner-steps", "--ways", "20"]
+    args = build_parser(argv).parse_args(argv)
     assert args.set_checkpoint_inner_steps == "true" and args.set_ways == "20"
     cfg = resolve("omniglot", overrides={"ways": 20, "checkpoint_inner_steps": "true"})
     assert cfg.checkpoint_inner_steps and cfg.inner_steps == 5
-    learner = make_learner(cfg, MAML, conv_bn(20).float(), "accuracy")
+    learner = MAML.from_config(conv_bn(20).float(), F.cross_entropy,
+                               cfg.learner_settings(20, "cpu"))
     assert learner.checkpoint_inner_steps
-    assert not make_learner(resolve("omniglot"), MAML, conv_bn().float(),
-                            "accuracy").checkpoint_inner_steps
+    plain = resolve("omniglot")
+    assert not MAML.from_config(conv_bn().float(), F.cross_entropy,
+                                plain.learner_settings(5, "cpu")).checkpoint_inner_steps

@@ -32,6 +32,12 @@ def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def logged(run: Path) -> int:
+    """Complete lines in metrics.jsonl (a line being written may be cut)."""
+    path = run / "metrics.jsonl"
+    return path.read_text().count("\n") if path.is_file() else 0
+
+
 def test_a_second_training_on_the_same_directory_is_refused(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "metagrad.cli", "train", "sinusoid", "--iterations", "1000000",
@@ -68,10 +74,14 @@ def test_kills_at_random_moments_lose_nothing(tmp_path):
     rng = random.Random(0)
     for attempt in range(10):
         resume = ckpt.CheckpointDir(run / "checkpoints").latest() is not None
+        lines = logged(run)
         proc = subprocess.Popen(base + ["--resume", "--iterations", str(total)] if resume
                                 else start, env=ENV, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
-        time.sleep(2.0 + rng.random() * 1.5)
+        deadline = time.time() + 120  # until it trains (imports take long on a busy machine)
+        while time.time() < deadline and proc.poll() is None and logged(run) <= lines:
+            time.sleep(0.05)
+        time.sleep(rng.random() * 0.5)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         latest = ckpt.CheckpointDir(run / "checkpoints").latest()
