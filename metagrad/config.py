@@ -70,8 +70,9 @@ class ExperimentConfig(RunSettings):
     # tasks
     shots: int = setting(10, "examples per class (per task for regression) in the support set",
                          min=1, group="task")
-    queries: int = setting(10, "query examples per class (per task for regression) in "
-                           "meta-training", min=1, group="task")
+    queries: int | None = setting(None, "query examples per class (per task for regression) in "
+                                  "meta-training (none: as many as shots, as in the MAML "
+                                  "reference code)", min=1, group="task")
     # inner loop
     inner_lr: float = setting(0.01, "α, the inner-loop step size", above=0, group="inner loop")
     inner_steps: int = setting(1, "K, inner steps in meta-training", min=1, group="inner loop")
@@ -220,6 +221,8 @@ def from_dict(values: dict[str, Any], *, stored: bool = False) -> ExperimentConf
         parsed.setdefault(owner, {})[name] = coerce_field(owner, name, value)
     shared = parsed.pop(ExperimentConfig, {})
     shared.update(task=task, algo=algo)
+    if shared.get("queries") is None:
+        shared["queries"] = shared.get("shots", SHARED_FIELDS["shots"].default)
     task_cls = options_class(task_factory(task))
     algo_cls = options_class(algorithm_class(algo))
     cfg = ExperimentConfig(**shared, task_options=_build_options(task_cls, parsed.get(task_cls)),

@@ -58,7 +58,7 @@ def build(cfg: ExperimentConfig, device: torch.device | str = "cpu") -> Experime
     learners = {cfg.algo: algorithm_class(cfg.algo).from_config(model, loss, settings,
                                                                 cfg.algo_options)}
     if cfg.baseline:
-        plain = dataclasses.replace(settings, compile=False, checkpoint_inner_steps=False)
-        learners[PRETRAINED] = algorithm_class(PRETRAINED).from_config(
-            baseline_model, loss, plain, NoOptions())
+        baseline = algorithm_class(PRETRAINED)
+        learners[PRETRAINED] = baseline.from_config(
+            baseline_model, loss, baseline.capabilities.applicable(settings), NoOptions())
     return Experiment(cfg, setup, learners, device)

@@ -16,7 +16,7 @@ import torch
 
 from metagrad.config import ExperimentConfig, from_dict
 from metagrad.distributed import Distributed, resolve_device
-from metagrad.errors import ConfigError
+from metagrad.errors import ConfigError, MetagradError
 from metagrad.rl.settings import RLConfig
 from metagrad.training import checkpoint as ckpt
 from metagrad.training.lock import RunLock
@@ -77,15 +77,23 @@ def train(config: Config | None, run_dir: str | Path, resume: bool = False,
     if config.threads:
         torch.set_num_threads(config.threads)
     dist = Distributed.from_environment(device)
-    if dist.is_main:
-        directory.prepare()
-    dist.barrier()
-    with RunLock(directory.path, enabled=dist.is_main):
-        if dist.is_main:
+    lock = RunLock(directory.path, enabled=dist.is_main)
+    refusal: MetagradError | None = None
+    if dist.is_main:  # checks under the lock; every process learns whether they passed
+        try:
+            directory.prepare()
+            lock.acquire()
             ckpt.clean_temporary_files(directory.checkpoints.directory)
-        if not resume and directory.holds_run():
-            raise ConfigError(f"{directory.path} already holds a run; pass --resume to continue "
-                              "it or choose another --out")
+            if not resume and directory.holds_run():
+                raise ConfigError(f"{directory.path} already holds a run; pass --resume to "
+                                  "continue it or choose another --out")
+        except MetagradError as exc:
+            refusal = exc
+    if dist.any(refusal is not None):
+        lock.release()
+        raise refusal or ConfigError("the main process refused to start the run (its message "
+                                     "says why)")
+    try:
         torch.manual_seed(config.seed)
         job = make_job(config, directory, dist, device)
         run = Run(job, directory, config.to_dict())
@@ -104,4 +112,6 @@ def train(config: Config | None, run_dir: str | Path, resume: bool = False,
                 directory.record_history("start", iterations=config.iterations)
         run.train(progress=progress, interval=log_interval)
         dist.barrier()
+    finally:
+        lock.release()
     return run
