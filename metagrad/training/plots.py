@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -156,32 +157,43 @@ def read_metrics(path: str | Path) -> list[dict[str, float]]:
     return records
 
 
-def _curve_of(key: str) -> tuple[str, str, str] | None:
-    """(panel, quantity, label) of a metrics key, or None for keys not drawn: ``loss/<learner>``
-    and ``val/<metric>`` (supervised), ``<learner>/pre_return``, ``<learner>/post_return`` and
+class _Curve(NamedTuple):
+    """Where and how one metrics key is drawn."""
+
+    panel: str  # "train" or "val"
+    quantity: str  # what the panel's y axis shows
+    learner: str  # curves of one learner share a colour in both panels
+    label: str
+    before_adaptation: bool  # drawn dashed
+
+
+def _curve_of(key: str) -> _Curve | None:
+    """How a metrics key is drawn, or None for keys not drawn: ``loss/<learner>`` and
+    ``val/<metric>`` (supervised), ``<learner>/pre_return``, ``<learner>/post_return`` and
     ``<learner>/val_return`` (meta-RL)."""
     group, _, name = key.partition("/")
     if group == "loss":
-        return "train", "meta-training loss (query)", name
+        return _Curve("train", "meta-training loss (query)", name, name, False)
     if group == "val":
-        return "val", name, f"{name}, after adaptation"
+        return _Curve("val", name, "", f"{name}, after adaptation", False)
     if name in ("pre_return", "post_return"):
         when = "before" if name == "pre_return" else "after"
-        return "train", "mean return of the training tasks", f"{group}, {when} adaptation"
+        return _Curve("train", "mean return of the training tasks", group,
+                      f"{group}, {when} adaptation", name == "pre_return")
     if name == "val_return":
-        return "val", "return", f"{group}, after adaptation"
+        return _Curve("val", "return", group, f"{group}, after adaptation", False)
     return None
 
 
 def plot_training_curve(metrics_jsonl_path: str | Path, out_path: str | Path) -> Path:
     """A run's learning curves from its ``metrics.jsonl`` (:func:`read_metrics`, so a resumed
     run's file is drawn as one run): the meta-training loss (supervised: ``loss/<learner>``) or
-    the training tasks' returns before and after adaptation (meta-RL:
+    the training tasks' returns before (dashed) and after adaptation (meta-RL:
     ``<learner>/pre_return``, ``<learner>/post_return``) in the upper panel, the validation
     metric (``val/<metric>``, ``<learner>/val_return``) in the lower one, both against the
-    iteration. A panel without records says so; an empty file still gives a figure. Writes
-    ``out_path`` (PNG) and returns it."""
-    curves: dict[tuple[str, str, str], tuple[list[int], list[float]]] = {}
+    iteration; one colour per learner. A panel without records says so; an empty file still
+    gives a figure. Writes ``out_path`` (PNG) and returns it."""
+    curves: dict[_Curve, tuple[list[int], list[float]]] = {}
     for record in read_metrics(metrics_jsonl_path):
         for key, value in record.items():
             curve = _curve_of(key)
@@ -189,14 +201,18 @@ def plot_training_curve(metrics_jsonl_path: str | Path, out_path: str | Path) ->
                 xs, ys = curves.setdefault(curve, ([], []))
                 xs.append(record["iteration"])
                 ys.append(value)
+    colours = {learner: f"C{i}" for i, learner in enumerate(dict.fromkeys(
+        c.learner for c in curves))}
     fig, axes = plt.subplots(2, 1, figsize=(7.5, 6), sharex=True, layout="constrained")
     titles = {"train": "meta-training", "val": "validation"}
     for ax, panel in zip(axes, titles, strict=True):
-        mine = {c: xy for c, xy in curves.items() if c[0] == panel}
-        for (_, _, label), (xs, ys) in mine.items():
-            ax.plot(xs, ys, marker="." if len(xs) < 30 else None, lw=1.2, label=label)
-        quantities = sorted({quantity for _, quantity, _ in mine})
-        ylabel = ", ".join(axis_label(q) for q in quantities) or "-"
+        mine = {c: xy for c, xy in curves.items() if c.panel == panel}
+        for curve, (xs, ys) in mine.items():
+            ax.plot(xs, ys, "--" if curve.before_adaptation else "-",
+                    marker="." if len(xs) < 30 else None, lw=1.2, color=colours[curve.learner],
+                    label=curve.label)
+        quantities = sorted({c.quantity for c in mine})
+        ylabel = ", ".join(axis_label(q) for q in quantities) or "metric"
         ax.set_ylabel(ylabel if panel == "train" else f"validation {ylabel}")
         for quantity in quantities:
             format_metric_axis(ax, quantity)
