@@ -1,12 +1,13 @@
 # Two commands set everything up on a fresh machine:
 #   make run   - create .venv, install metagrad, train+evaluate MAML on sinusoid regression (short default)
 #   make test  - create .venv, install dev dependencies, run the test suite
+#   make docs  - build the API reference site into site/ (mkdocs --strict: a broken reference fails)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint docs bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +29,12 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/ruff check metagrad tests benchmarks
 
+# the docs tools (mkdocs, mkdocstrings) come with the dev extra: `make test` checks the build too
+docs: $(VENV)/.installed
+	$(BIN)/mkdocs build --strict --site-dir site
+
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_sinusoid.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs site .pytest_cache .ruff_cache

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from metagrad.rl.envs import Navigation2D
 from metagrad.rl.maml_rl import MAMLRL
+from metagrad.training.plots import legend_outside, save_figure
 
 
 def mean_paths(actions: Tensor, masks: Tensor) -> Tensor:
@@ -28,10 +29,11 @@ def mean_paths(actions: Tensor, masks: Tensor) -> Tensor:
 def plot_navigation_trajectories(methods: dict[str, MAMLRL], tasks: Tensor, steps: int,
                                  rollouts: int, seed: int, path: Path) -> Path:
     """One panel per method (rows) and goal (columns): the mean path of the ``rollouts`` episodes
-    after 0, 1, …, ``steps`` adaptation steps (each step adapts on them, as at evaluation)."""
-    fig, axes = plt.subplots(len(methods), len(tasks), figsize=(3.2 * len(tasks),
-                                                                3.2 * len(methods)),
-                             squeeze=False)
+    after 0, 1, …, ``steps`` adaptation steps (each step adapts on them, as at evaluation), the
+    start and the goal; one legend right of the panels. Writes ``path`` and returns it."""
+    fig, axes = plt.subplots(len(methods), len(tasks),
+                             figsize=(3.2 * len(tasks) + 1.5, 3.2 * len(methods)),
+                             squeeze=False, layout="constrained")
     colours = plt.get_cmap("viridis")(torch.linspace(0, 0.9, steps + 1).tolist())
     for row, (name, learner) in enumerate(methods.items()):
         for k, ep in enumerate(learner.adaptation(tasks, steps, rollouts, seed)):
@@ -41,13 +43,12 @@ def plot_navigation_trajectories(methods: dict[str, MAMLRL], tasks: Tensor, step
                                     label=label)
         for col, goal in enumerate(tasks):
             ax = axes[row][col]
-            ax.plot(0, 0, "ko", ms=4)
+            ax.plot(0, 0, "ko", ms=4, label="start")
             ax.plot(goal[0], goal[1], "r*", ms=12, label="goal")
             ax.set_aspect("equal", adjustable="datalim")
+            ax.set_xlabel("x")
+            ax.set_ylabel("y")
             ax.set_title(f"{name}, goal ({goal[0]:.2f}, {goal[1]:.2f})", fontsize=9)
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    legend_outside(fig, axes.flat)
+    return save_figure(fig, path, dpi=110)
