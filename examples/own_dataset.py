@@ -95,7 +95,11 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="inner steps K")
     parser.add_argument("--iterations", type=int, default=60)
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke test: 10 meta-training iterations")
     args = parser.parse_args()
+    if args.quick:
+        args.iterations = 10
     torch.manual_seed(0)
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:

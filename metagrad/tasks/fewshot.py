@@ -182,14 +182,16 @@ class FewShotTasks:
         self.device = torch.device(device if device is not None else "cpu")
         self.images: Tensor | None
         if transform is not None:
-            items, self.counts, labels = _class_index(_labels(dataset, name), name)
+            items, self.counts, labels = _class_index(_labels(dataset, name))
             self.images, self._items = None, items
         else:
             store, labels = ((dataset, list(range(len(dataset.counts))))
                              if isinstance(dataset, ClassTensor) else _read_all(dataset, name))
             self.images, self._items, self.counts = store.images.to(self.device), None, store.counts
         self.class_labels: tuple[int, ...] = tuple(labels)
-        self._padded = bool((self.counts < self.counts.max()).any())
+        # Items per class as stored (padding included): the width of the random draw per class.
+        self._width = (self._items if self.images is None else self.images).shape[1]
+        self._padded = bool((self.counts < self._width).any())
         self._set_episode(ways, shots, queries)
 
     @classmethod
@@ -247,13 +249,12 @@ class FewShotTasks:
         """Classes (without replacement per task) and disjoint support/query items per class."""
         if not isinstance(num_tasks, int) or num_tasks < 1:
             raise ConfigError(f"{self.name}: num_tasks must be >= 1, got {num_tasks}")
-        max_items = int(self.counts.max())
         # The ``ways`` smallest of i.i.d. uniform keys: a uniformly random ordered subset.
         class_keys = torch.rand(num_tasks, self.num_classes, generator=generator)
         classes = class_keys.topk(self.ways, dim=1, largest=False).indices
-        item_keys = torch.rand(num_tasks, self.ways, max_items, generator=generator)
+        item_keys = torch.rand(num_tasks, self.ways, self._width, generator=generator)
         if self._padded:
-            valid = torch.arange(max_items) < self.counts[classes].unsqueeze(-1)
+            valid = torch.arange(self._width) < self.counts[classes].unsqueeze(-1)
             item_keys = item_keys.masked_fill(~valid, 2.0)  # keys are < 1: padding sorts last
         items = item_keys.topk(self.shots + self.queries, dim=2, largest=False).indices
         return EpisodeIndices(classes, items[..., :self.shots], items[..., self.shots:])
@@ -346,11 +347,9 @@ def _length(dataset: Dataset, name: str) -> int:
     return n
 
 
-def _class_index(labels: list[int], name: str) -> tuple[Tensor, Tensor, list[int]]:
+def _class_index(labels: list[int]) -> tuple[Tensor, Tensor, list[int]]:
     """``items[class, j]``: the dataset index of the ``j``-th item of each class (padded with
     the class's first item), ``counts[class]`` and the label of each class."""
-    if not labels:
-        raise DataError(f"{name}: the data set is empty")
     label_t = torch.tensor(labels, dtype=torch.int64)
     classes, inverse, counts = torch.unique(label_t, return_inverse=True, return_counts=True)
     order = torch.argsort(inverse, stable=True)
@@ -375,7 +374,7 @@ def _read_all(dataset: Dataset, name: str) -> tuple[ClassTensor, list[int]]:
                             "from_folder, or pass a transform)")
         xs.append(x)
         labels.append(_as_label(y, k, name))
-    items, counts, class_labels = _class_index(labels, name)
+    items, counts, class_labels = _class_index(labels)
     return ClassTensor(torch.stack(xs)[items], counts), class_labels
 
 

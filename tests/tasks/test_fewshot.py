@@ -125,6 +125,12 @@ def test_old_episode_sampler_seeds_reproduce():
     assert idx.classes.tolist() == [[2, 3, 4], [5, 6, 3]]
     assert idx.support.tolist() == [[[4, 0], [0, 3], [3, 4]], [[3, 4], [1, 0], [2, 1]]]
     assert idx.query.tolist() == [[[1], [1], [0]], [[1], [2], [3]]]
+    # Padding beyond the largest class too.
+    tasks = EpisodeSampler(torch.zeros(4, 6, 1, dtype=torch.uint8), 2, 1, 1, counts=[3, 4, 2, 5])
+    idx = tasks.sample_indices(2, torch.Generator().manual_seed(0))
+    assert idx.classes.tolist() == [[2, 3], [0, 2]]
+    assert idx.support.tolist() == [[[0], [4]], [[2], [1]]]
+    assert idx.query.tolist() == [[[1], [0]], [[0], [0]]]
 
 
 def test_class_tensor_uint8_scaling_padding_and_device():
