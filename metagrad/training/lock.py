@@ -40,7 +40,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from metagrad.errors import RunLockedError
+from metagrad.errors import ConfigError, RunLockedError
 
 LOCK_NAME = ".lock"
 _log = logging.getLogger(__name__)
@@ -86,13 +86,19 @@ class RunLock:
         return self._fd is not None
 
     def acquire(self) -> None:
-        """Takes the lock or raises :class:`RunLockedError`; a no-op when disabled."""
+        """Takes the lock or raises :class:`RunLockedError` (held elsewhere) or
+        :class:`~metagrad.errors.ConfigError` (the directory cannot be created or written); a
+        no-op when disabled."""
         if not self.enabled:
             return
         if self._fd is not None:
             raise RunLockedError(f"run directory {self.run_dir} is already locked by this RunLock")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"cannot use {self.run_dir} as a run directory "
+                              f"({exc.strerror or exc}); choose another --out") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from metagrad.errors import MetagradError, RunLockedError
+from metagrad.errors import ConfigError, MetagradError, RunLockedError
 from metagrad.training.lock import LOCK_NAME, RunLock
 
 HOLDER = """
@@ -85,3 +85,9 @@ def test_garbage_lock_file_is_stale_not_an_error(tmp_path):
     (tmp_path / LOCK_NAME).write_bytes(b"\xff\x00 not json")
     with RunLock(tmp_path) as lock:
         assert lock.stale_holder is not None
+
+
+def test_run_directory_below_a_file_is_a_config_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="cannot use .* as a run directory"):
+        RunLock(tmp_path / "file" / "run").acquire()
