@@ -113,8 +113,8 @@ class MAML(nn.Module):
             raise ConfigError(f"inner_steps must be a positive integer, got {inner_steps!r}")
         if not _is_finite_positive(inner_lr):
             raise ConfigError(f"inner_lr must be a finite number > 0, got {inner_lr!r}")
-        params = list(model.parameters())
-        if params and not any(p.requires_grad for p in params):
+        if next(model.parameters(), None) is not None and not any(
+                p.requires_grad for p in model.parameters()):
             raise ConfigError(
                 "every parameter of the model has requires_grad=False, so there is nothing to "
                 "meta-learn (the meta-gradient would be empty); unfreeze the parameters to learn "

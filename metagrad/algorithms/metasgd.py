@@ -20,9 +20,9 @@ class MetaSGD(MAML):
     capabilities: ClassVar[Capabilities] = Capabilities(learn_inner_lr=False, compile=True,
                                                         checkpoint_inner_steps=True)
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.01,
-                 **kwargs: Any) -> None:
-        if not kwargs.pop("learn_inner_lr", True):
+    def __init__(self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.01, *,
+                 learn_inner_lr: bool = True, **kwargs: Any) -> None:
+        if not learn_inner_lr:
             raise ConfigError("Meta-SGD learns its per-element inner rates by definition; "
                               "remove learn_inner_lr=False (MAML is Meta-SGD with a fixed rate)")
         super().__init__(model, loss_fn, inner_lr, learn_inner_lr=True, **kwargs)

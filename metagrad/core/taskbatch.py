@@ -66,8 +66,8 @@ def call_arguments(x: Inputs) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
         return x, {}
     if isinstance(x, dict):
         return (), x
-    named_leaves(x, "input")  # raises the explanation
-    raise AssertionError  # pragma: no cover
+    raise ConfigError(f"model inputs must be a tensor, a tuple of tensors or a dict of tensors, "
+                      f"got {type(x).__name__}")
 
 
 def num_tasks(x: Inputs) -> int:
