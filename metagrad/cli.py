@@ -1,52 +1,125 @@
-"""``metagrad train|eval|presets``: the command-line interface (``train rl --env NAME`` for
-meta-RL).
+"""``metagrad train|eval|presets``: the command-line interface.
 
-Mistakes in what a user typed or configured end with a one-paragraph message and exit status 2
-(``--debug`` shows the traceback); an interrupted run writes a checkpoint and can be resumed.
+``metagrad train TASK`` meta-trains on a task (a built-in name or ``package.module:factory``)
+with ``--algo NAME`` (or ``package.module:Class``); ``metagrad train rl --env NAME`` meta-trains
+a policy. The flags offered are the settings of the chosen task, algorithm or environment, each
+with its help, type and default. Mistakes in what a user typed or configured end with a one-line
+message and exit status 2 (``--debug`` shows the traceback); an interrupted run writes a
+checkpoint and can be resumed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from metagrad.config import FIELDS, PRESETS, TASKS, coerce, load_yaml, resolve
+import yaml
+
+import metagrad
+from metagrad import config as settings
 from metagrad.errors import ConfigError, MetagradError
-from metagrad.rl.maml_rl import RLConfig
-from metagrad.training.rl import RL_FIELDS, is_rl_run, print_rl_eval, resolve_rl, train_rl
+
+DESCRIPTION = ("Gradient-based meta-learning (MAML and its family) for any torch.nn.Module: "
+               "train, evaluate, list presets.")
+GROUP_TITLES = {"task": "task", "inner loop": "inner loop", "outer loop": "outer loop",
+                "evaluation": "validation and evaluation", "run": "run"}
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("settings (override the preset and --config)")
-    for name in dict.fromkeys([*FIELDS, *RL_FIELDS]):
-        if name == "task":
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _add_setting(group: argparse._ArgumentGroup, f: dataclasses.Field, hint: Any) -> None:
+    default = f.default if f.default is not dataclasses.MISSING else (
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    kind = settings.describe_type(hint)
+    text = f.metadata.get("help", "")
+    shown = "none" if default is None else (
+        " ".join(map(str, default)) if isinstance(default, list | tuple) else default)
+    extra = {"nargs": "?", "const": "true"} if hint is bool else {}
+    group.add_argument(_flag(f.name), dest=f"set_{f.name}", metavar=kind.upper().split()[0]
+                       if hint in (int, float, str) else "VALUE", default=None,
+                       help=f"{text} [{kind}; default: {shown}]".strip(), **extra)
+
+
+def _add_settings(parser: argparse.ArgumentParser,
+                  fields: Iterable[tuple[type, dataclasses.Field]], skip: set[str]) -> None:
+    groups: dict[Any, argparse._ArgumentGroup] = {}
+    for owner, f in fields:
+        if f.name in skip or f.metadata.get("internal"):
             continue
-        # a yes/no setting also works as a bare flag: --first-order means --first-order true
-        switch = (isinstance(FIELDS[name].default, bool) if name in FIELDS
-                  else RL_FIELDS.get(name) is bool)
-        group.add_argument(f"--{name.replace('_', '-')}", dest=f"set_{name}", metavar="VALUE",
-                           default=None, **({"nargs": "?", "const": "true"} if switch else {}))
+        group = f.metadata.get("group")
+        if owner is settings.ExperimentConfig:
+            title = GROUP_TITLES.get(group, group)
+        elif owner.__name__ == "RLConfig":
+            title = f"meta-RL: {group}" if group else "meta-RL"
+        else:
+            title = f"{owner.__name__} (options of the chosen {_owner_kind(owner)})"
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        _add_setting(groups[title], f, settings.type_hints(owner)[f.name])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metagrad", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _owner_kind(owner: type) -> str:
+    return "algorithm" if owner.__module__.startswith("metagrad.algorithms") else "task"
 
-    train = sub.add_parser("train", help="meta-train on a task (then evaluate)")
-    train.add_argument("task", choices=(*TASKS, "rl"),
-                       help="the task family, or rl (meta-RL on the environment --env)")
-    train.add_argument("--preset", default=None, help="named settings of the task (default: paper)")
-    train.add_argument("--config", help="YAML file of settings")
+
+def _common_train_flags(train: argparse.ArgumentParser) -> None:
+    train.add_argument("--preset", default=None, help="named settings of the task (default: "
+                       "the paper's for the ways/shots asked for; `metagrad presets` lists them)")
+    train.add_argument("--config", help="YAML file of settings (flags win)")
     train.add_argument("--out", help="run directory (default: runs/TASK-ALGO-TIME)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out (only --iterations and --threads change)")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved settings as YAML and exit")
     train.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_setting_flags(train)
+    train.add_argument("--no-progress", action="store_true",
+                       help="no progress bar: a plain log line every minute")
+    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks")
+
+
+def _pre_parse(argv: list[str]) -> argparse.Namespace:
+    """The command, the task and the algorithm/environment, before the flags they decide."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("command", nargs="?")
+    pre.add_argument("task", nargs="?")
+    for flag in ("--algo", "--env", "--config"):
+        pre.add_argument(flag)
+    known, _ = pre.parse_known_args([a for a in argv if a not in ("-h", "--help")])
+    return known
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; ``train``'s setting flags are those of the task and algorithm (or RL
+    environment) named in ``argv``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = _pre_parse(argv)
+    parser = argparse.ArgumentParser(prog="metagrad", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"metagrad {metagrad.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="meta-train on a task (then evaluate)",
+                           description="Meta-train on TASK, then evaluate on its test tasks.")
+    train.add_argument("task", help="sinusoid, omniglot, miniimagenet, folder, your own "
+                       "package.module:factory, or rl (meta-RL on --env)")
+    _common_train_flags(train)
+    if pre.command == "train" and pre.task == "rl":
+        from metagrad.training.rl import RLConfig
+
+        fields = [(RLConfig, f) for f in dataclasses.fields(RLConfig)]
+        _add_settings(train, fields, set())
+    elif pre.command == "train" and pre.task:
+        task, algo = _task_and_algo(pre.task, pre.algo, pre.config)
+        _add_settings(train, settings.fields_for(task, algo).values(), {"task"})
 
     ev = sub.add_parser("eval", help="evaluate a run directory on held-out test tasks")
     ev.add_argument("run_dir", type=Path)
@@ -54,109 +127,204 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, help="largest number of adaptation steps")
     ev.add_argument("--shots", type=int, nargs="+", help="shots to evaluate")
     ev.add_argument("--rollouts", type=int, help="rl: episodes per task and adaptation step")
-    ev.add_argument("--checkpoint", choices=("last", "best"), default="last")
+    ev.add_argument("--checkpoint", choices=("best", "last"), default=None,
+                    help="which checkpoint (default: best, the validation-selected one)")
+    ev.add_argument("--out", type=Path, help="where to write eval.json and figures (default: a "
+                    "new RUN_DIR/eval-CHECKPOINT-TASKS folder)")
+    ev.add_argument("--device", help="device to evaluate on (default: the run's)")
+    ev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                    help="show tracebacks")
 
-    sub.add_parser("presets", help="list the built-in presets")
+    pr = sub.add_parser("presets", help="list the built-in presets")
+    pr.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     return parser
 
 
+def _task_and_algo(task: str, algo: str | None, config: str | None) -> tuple[str, str]:
+    """The task and algorithm named on the command line or in ``--config``."""
+    from metagrad.algorithms import ALGORITHMS
+    from metagrad.tasks import TASKS
+
+    if algo is None and config:
+        algo = settings.load_yaml(config).get("algo")
+    return TASKS.canonical(task), ALGORITHMS.canonical(str(algo or "maml"))
+
+
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    values: dict[str, Any] = load_yaml(args.config) if args.config else {}
-    values.pop("task", None)
+    """Settings from ``--config``, then the flags."""
+    values: dict[str, Any] = settings.load_yaml(args.config) if args.config else {}
+    stored_task = values.pop("task", None)
+    if args.config and "env" in values and args.task != "rl":
+        raise ConfigError(f"{args.config} configures a meta-RL run (env: {values['env']}); use "
+                          "`metagrad train rl --config ...`")
+    if stored_task is not None and args.task != "rl":
+        from metagrad.tasks import TASKS
+
+        if TASKS.canonical(str(stored_task)) != TASKS.canonical(args.task):
+            raise ConfigError(f"{args.config} configures task {stored_task!r}, not "
+                              f"{args.task!r}; use `metagrad train {stored_task} --config ...` "
+                              "or remove its task line")
     flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
     values.update(flags)
     return values
 
 
-def _resume_settings(args: argparse.Namespace, settings: dict[str, Any],
-                     read: Callable[[str, Any], Any]) -> tuple[Path, dict[str, Any]]:
-    """The run to resume and the settings it may change (``read`` converts their values)."""
-    if not args.out:
-        raise ConfigError("--resume needs --out RUN_DIR, the run to continue")
-    unused = sorted(set(settings) - {"iterations", "threads"})
-    if unused:
-        raise ConfigError("a resumed run keeps its settings; only --iterations and "
-                          f"--threads may change (remove {', '.join(unused)})")
-    return Path(args.out), {k: read(k, v) for k, v in settings.items()}
-
-
 def _train(args: argparse.Namespace) -> None:
     from metagrad.training.loop import train
 
-    settings = _settings(args)
-    if args.task == "rl":
-        _train_rl(args, settings)
-        return
+    values = _settings(args)
     if args.resume:
-        out, changes = _resume_settings(args, settings, coerce)
-        trainer = train(None, out, resume=True, progress=not args.no_progress, **changes)
+        if not args.out:
+            raise ConfigError("--resume needs --out RUN_DIR, the run to continue")
+        if args.preset:
+            raise ConfigError("a resumed run keeps its settings: remove --preset")
+        unused = sorted(set(values) - {"iterations", "threads"})
+        if unused:
+            raise ConfigError("a resumed run keeps its settings; only --iterations and "
+                              f"--threads may change (remove {', '.join(unused)})")
+        changes = {k: settings.coerce_field(settings.RunSettings, k, v)
+                   for k, v in values.items()}
+        run = train(None, args.out, resume=True, progress=True,
+                    log_interval=60.0 if args.no_progress else None, **changes)
+        out = Path(args.out)
     else:
-        cfg = resolve(args.task, args.preset, settings)
-        out = Path(args.out or f"runs/{cfg.task}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+        cfg = _resolve(args, values)
+        if args.print_config:
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return
+        name = cfg.env if args.task == "rl" else f"{cfg.task}-{cfg.algo}"
+        out = Path(args.out or f"runs/{'rl-' if args.task == 'rl' else ''}"
+                   f"{name.replace(':', '.')}-{time.strftime('%Y%m%d-%H%M%S')}")
         print(f"run directory: {out}")
-        trainer = train(cfg, out, progress=not args.no_progress)
-    if trainer.stopped or not trainer.dist.is_main:
+        run = train(cfg, out, progress=True, log_interval=60.0 if args.no_progress else None)
+    if run.stopped or not run.main or args.no_eval:
         return  # a signal stopped the run (checkpoint written), or another rank evaluates
-    if not args.no_eval:
-        _print_eval(out)
+    _print_eval(out, out=None, which=_default_checkpoint(out))
 
 
-def _train_rl(args: argparse.Namespace, settings: dict[str, Any]) -> None:
-    if args.preset:
-        raise ConfigError("train rl has no presets: --env starts from that environment's "
-                          "paper settings")
-    if args.resume:
-        out, changes = _resume_settings(args, settings, RLConfig.coerce)
-        trainer = train_rl(None, out, resume=True, progress=not args.no_progress, **changes)
-    else:
-        cfg = resolve_rl(settings)
-        out = Path(args.out or f"runs/rl-{cfg.env}-{time.strftime('%Y%m%d-%H%M%S')}")
-        print(f"run directory: {out}")
-        trainer = train_rl(cfg, out, progress=not args.no_progress)
-    if not (trainer.stopped or args.no_eval or not trainer.dist.is_main):
-        print_rl_eval(out)
+def _resolve(args: argparse.Namespace, values: dict[str, Any]) -> Any:
+    if args.task == "rl":
+        from metagrad.training.rl import resolve_rl
+
+        if args.preset:
+            raise ConfigError("train rl has no presets: --env starts from that environment's "
+                              "paper settings")
+        return resolve_rl(values)
+    return settings.resolve(args.task, args.preset, values)
 
 
-def _print_eval(run_dir: Path, **kwargs: Any) -> None:
+def _eval_dir(run_dir: Path, which: str, tasks: int | None) -> Path:
+    """A new folder for an evaluation, never an existing one."""
+    base = run_dir / f"eval-{which}-{tasks or 'default'}tasks"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def _default_checkpoint(run_dir: Path) -> str:
+    """The validation-selected checkpoint, or the last one of a run never validated."""
+    return "best" if (Path(run_dir) / "checkpoints" / "best.safetensors").is_file() else "last"
+
+
+def _print_eval(run_dir: Path, out: Path | None, which: str, **kwargs: Any) -> None:
+    from metagrad.training.loop import read_config
     from metagrad.training.report import conditioning_only, evaluate_run, format_table
 
-    rows, figures = evaluate_run(run_dir, **kwargs)
-    metric = "accuracy" if rows and rows[0].ways is not None else "mse"
-    print(f"\nquery {metric} (mean ± 95% CI over {rows[0].tasks} test tasks) after N steps:")
+    cfg = read_config(run_dir)
+    if hasattr(cfg, "env"):
+        from metagrad.training.rl import print_rl_eval
+
+        kwargs.pop("shots", None)
+        kwargs.pop("device", None)
+        print_rl_eval(run_dir, which=which, out=out, **kwargs)
+        return
+    kwargs.pop("rollouts", None)
+    rows, figures = evaluate_run(run_dir, which=which, out=out, **kwargs)
+    metric = "accuracy (%)" if rows and rows[0].ways is not None else "mse"
+    data = (out or run_dir) / "eval.json"
+    iteration = json.loads(data.read_text())["iteration"]
+    print(f"\nevaluating the {which} checkpoint (iteration {iteration}): query {metric}, mean "
+          f"± 95% CI over {rows[0].tasks} test tasks, after N steps:")
     steps = sorted({r.steps for r in rows})
     shown = tuple(s for s in steps if s in (0, 1, 3, 5, 10) or s == steps[-1])
-    print(format_table(rows, metric, shown))
+    print(format_table(rows, metric.split()[0], shown))
     for method in conditioning_only(rows):
         print(f"({method} takes no gradient steps: its 0-steps column is its {metric} after "
               "conditioning on the support set)")
-    print(f"\nwrote {run_dir / 'eval.json'}")
+    print(f"\nwrote {data}")
     for f in figures:
         print(f"figure: {f}")
 
 
+def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                    extra: list[str]) -> None:
+    """Explains a flag that belongs to another algorithm, task or to meta-RL; argparse's own
+    message for anything else."""
+    flags = [a for a in extra if a.startswith("--")]
+    if args.command == "train" and flags:
+        name = flags[0][2:].split("=")[0].replace("-", "_")
+        from metagrad.training.rl import RLConfig
+
+        rl_fields = {f.name for f in dataclasses.fields(RLConfig)}
+        if args.task == "rl":
+            if name in settings.SHARED_FIELDS or name in settings.LEGACY_FIELDS:
+                raise ConfigError(f"setting {name!r} is not a meta-RL setting; meta-RL takes "
+                                  f"{', '.join(sorted(rl_fields))}")
+        else:
+            task, algo = _task_and_algo(args.task, getattr(args, 'set_algo', None),
+                                        args.config)
+            if name in rl_fields:
+                raise ConfigError(f"setting {name!r} belongs to meta-RL (`metagrad train rl "
+                                  f"--env ...`), not to task {task!r}")
+            raise ConfigError(settings.not_accepted(name, task, algo,
+                                                    settings.fields_for(task, algo)))
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+
+
+def _presets() -> None:
+    from metagrad.tasks import TASKS
+    from metagrad.training.rl import ENV_DEFAULTS
+
+    for task in TASKS:
+        for name, values in settings.presets_of(task).items():
+            print(f"metagrad train {task} --preset {name}: "
+                  + ", ".join(f"{k}={v}" for k, v in values.items()))
+    for env, values in ENV_DEFAULTS.items():
+        print(f"metagrad train rl --env {env} (paper settings): "
+              + ", ".join(f"{k}={v}" for k, v in values.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
     try:
+        parser = build_parser(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            _refuse_unknown(parser, args, extra)
         if args.command == "train":
             _train(args)
         elif args.command == "eval":
-            if is_rl_run(args.run_dir):
-                print_rl_eval(args.run_dir, tasks=args.tasks, steps=args.steps,
-                              rollouts=args.rollouts, which=args.checkpoint)
-            else:
-                _print_eval(args.run_dir, tasks=args.tasks, steps=args.steps, shots=args.shots,
-                            which=args.checkpoint)
+            which = args.checkpoint or _default_checkpoint(args.run_dir)
+            out = args.out or _eval_dir(args.run_dir, which, args.tasks)
+            _print_eval(args.run_dir, out, which=which, tasks=args.tasks,
+                        steps=args.steps, shots=args.shots, rollouts=args.rollouts,
+                        device=args.device)
         elif args.command == "presets":
-            for task, presets in PRESETS.items():
-                for name, values in presets.items():
-                    settings = ", ".join(f"{k}={v}" for k, v in values.items())
-                    print(f"{task} --preset {name}: {settings}")
+            _presets()
         return 0
     except MetagradError as exc:
-        if args.debug:
+        if debug:
             raise
         print(f"metagrad: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # paths, permissions, a full disk: the user's to fix
+        if debug:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"metagrad: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("metagrad: interrupted", file=sys.stderr)

@@ -1,7 +1,12 @@
-"""Typed experiment configuration: defaults < task preset < config file < command-line flags.
+"""Typed settings and the one parser that reads them, for supervised and meta-RL runs alike.
 
-Every field can be set from a YAML file or as ``--field-name VALUE`` on the command line;
-unknown keys are refused with the closest valid name suggested.
+A run's configuration is a dataclass of shared fields (:class:`ExperimentConfig` for supervised
+meta-learning, :class:`~metagrad.rl.settings.RLConfig` for meta-RL, both sharing
+:class:`RunSettings`) plus, for supervised runs, the chosen task's ``Options`` and the chosen
+algorithm's ``Options`` (dataclasses declared in their own files). Values come from, in order:
+defaults < task preset < config file < command-line flags. Every field documents itself
+(``metadata["help"]``), which is what ``--help`` prints, and states its range (``min``, ``max``),
+which :func:`check_ranges` enforces; unknown keys are refused with the closest valid name.
 """
 
 from __future__ import annotations
@@ -9,267 +14,402 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from metagrad.algorithms import ALGORITHMS
+from metagrad.algorithms.base import Capabilities, LearnerSettings, NoOptions
 from metagrad.errors import ConfigError
+from metagrad.tasks import TASKS
 
-TASKS = ("sinusoid", "omniglot", "miniimagenet")
-ALGORITHMS = ("maml", "metasgd", "mamlpp", "anil", "reptile", "imaml", "cavia", "blackbox")
-MODELS = ("auto", "conv", "mlp")
-
-
-@dataclass
-class ExperimentConfig:
-    """One supervised meta-learning experiment (see README for each field's meaning)."""
-
-    task: str = "sinusoid"
-    algo: str = "maml"
-    # tasks
-    ways: int = 5
-    shots: int = 10
-    queries: int = 10
-    data: str | None = None
-    split: str = "paper"
-    rotations: bool = True
-    model: str = "auto"
-    # inner loop
-    inner_lr: float = 0.01
-    inner_steps: int = 1
-    first_order: bool = False
-    learn_inner_lr: bool = False
-    transductive: bool = True
-    batching: str = "auto"
-    compile: bool = False
-    checkpoint_inner_steps: bool = False
-    # algorithm-specific (used by the algorithm named in the key)
-    mamlpp_multi_step_loss: bool = True
-    mamlpp_msl_epochs: int = 10
-    mamlpp_first_order_epochs: int = 0
-    mamlpp_step_lrs: bool = True
-    mamlpp_per_step_bn: bool = False
-    iterations_per_epoch: int = 500
-    imaml_lambda: float = 1.0
-    imaml_cg_iterations: int = 5
-    cavia_context_dim: int = 5
-    blackbox_width: int = 128
-    blackbox_layers: int = 2
-    blackbox_heads: int = 4
-    # outer loop
-    meta_batch: int = 25
-    meta_lr: float = 1e-3
-    meta_optimizer: str = "adam"
-    meta_lr_schedule: str = "constant"
-    min_meta_lr: float = 1e-5
-    iterations: int = 70000
-    # the "pretrained on all tasks, then fine-tuned" baseline (trained beside MAML)
-    baseline: bool = True
-    baseline_iterations: int | None = None
-    # validation and evaluation
-    val_every: int = 1000
-    val_tasks: int = 100
-    eval_tasks: int = 600
-    eval_steps: int = 10
-    eval_shots: list[int] = field(default_factory=lambda: [5, 10])
-    eval_queries: int | None = None
-    eval_lr: float | None = None
-    # run
-    seed: int = 0
-    threads: int | None = None
-    log_every: int = 50
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
-
-    def validate(self) -> ExperimentConfig:
-        if self.task not in TASKS:
-            raise ConfigError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
-        if self.algo not in ALGORITHMS:
-            raise ConfigError(_unknown("algorithm", self.algo, ALGORITHMS))
-        for name in ("ways", "shots", "queries", "inner_steps", "meta_batch", "iterations",
-                     "val_every", "val_tasks", "eval_tasks", "log_every", "checkpoint_every",
-                     "keep_checkpoints"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.eval_steps < 0:
-            raise ConfigError(f"eval_steps must be >= 0, got {self.eval_steps}")
-        for name in ("inner_lr", "meta_lr", "eval_lr"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, int | float) and 0 < value < math.inf):
-                raise ConfigError(f"{name} must be a positive number, got {value!r}")
-        if not self.eval_shots or any(s < 1 for s in self.eval_shots):
-            raise ConfigError(f"eval_shots must list positive integers, got {self.eval_shots}")
-        if self.batching not in ("auto", "vmap", "loop"):
-            raise ConfigError(_unknown("batching", self.batching, ("auto", "vmap", "loop")))
-        if self.meta_optimizer not in ("adam", "sgd"):
-            raise ConfigError(_unknown("meta_optimizer", self.meta_optimizer, ("adam", "sgd")))
-        if self.meta_lr_schedule not in ("constant", "cosine"):
-            raise ConfigError(_unknown("meta_lr_schedule", self.meta_lr_schedule,
-                                       ("constant", "cosine")))
-        if self.model not in MODELS:
-            raise ConfigError(_unknown("model", self.model, MODELS))
-        if self.algo == "cavia" and self.task != "sinusoid":
-            raise ConfigError("cavia concatenates its context to flat inputs and is available "
-                              "for sinusoid regression; image tasks would need FiLM layers")
-        if self.compile and self.algo in ("reptile", "imaml", "mamlpp"):
-            raise ConfigError(f"compile is available for maml, metasgd, anil and cavia, not "
-                              f"{self.algo} (its outer step is not one differentiable loss)")
-        if self.algo == "blackbox":
-            self._validate_blackbox()
-        if self.checkpoint_inner_steps:
-            if self.algo in ("anil", "reptile", "imaml"):
-                raise ConfigError(
-                    f"checkpoint_inner_steps saves the memory of second-order inner steps (maml, "
-                    f"metasgd, mamlpp, cavia); {self.algo} keeps no large inner graph")
-            if self.compile or self.batching == "vmap":
-                raise ConfigError("checkpoint_inner_steps works with looped tasks only: remove "
-                                  "compile and batching=vmap")
-        if self.algo == "imaml" and self.learn_inner_lr:
-            raise ConfigError("imaml uses a fixed inner rate: remove learn_inner_lr")
-        if self.task == "omniglot" and self.split not in ("paper", "background"):
-            raise ConfigError(_unknown("split", self.split, ("paper", "background")))
-        if self.ways < 2 and self.task != "sinusoid":
-            raise ConfigError(f"classification needs ways >= 2, got {self.ways}")
-        return self
-
-    def _validate_blackbox(self) -> None:
-        """The black box has no inner loop: refuse the inner-loop switches a user may set on
-        purpose (inner_lr, inner_steps and transductive, which presets set, are ignored)."""
-        for name in ("blackbox_width", "blackbox_layers", "blackbox_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.blackbox_width % self.blackbox_heads:
-            raise ConfigError(f"blackbox_width={self.blackbox_width} must be divisible by "
-                              f"blackbox_heads={self.blackbox_heads}")
-        no_inner_loop = "blackbox conditions on the support set and takes no inner gradient steps"
-        if self.first_order:
-            raise ConfigError(f"{no_inner_loop}: first_order does not apply; remove it")
-        if self.learn_inner_lr:
-            raise ConfigError(f"{no_inner_loop}: there is no inner rate to learn; remove "
-                              "learn_inner_lr")
-        if self.compile:
-            raise ConfigError("compile is available for maml, metasgd, anil and cavia, not "
-                              "blackbox (a plain network forward; nothing to fuse)")
-        if self.batching != "auto":
-            raise ConfigError(f"{no_inner_loop}: batching={self.batching!r} does not apply (all "
-                              "tasks go through one batched forward pass); remove it")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+TRUE = ("true", "yes", "on", "1")
+FALSE = ("false", "no", "off", "0")
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
-
-# Run settings shared by the classification presets (60,000 iterations as in the paper).
-_CLASSIFICATION_RUN: dict[str, Any] = dict(
-    meta_lr=1e-3, iterations=60000, eval_queries=15, baseline=False, val_every=500,
-    val_tasks=200, checkpoint_every=250)
-
-# Settings of the MAML paper (Finn et al. 2017, §5.1 and appendix A.1), per task.
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "omniglot": {
-        # 5-way; 20-way presets are selected by --ways 20 (see resolve())
-        "paper": dict(_CLASSIFICATION_RUN, ways=5, shots=1, queries=1, inner_lr=0.4,
-                      inner_steps=1, meta_batch=32, eval_steps=3),
-        "paper-20way": dict(_CLASSIFICATION_RUN, ways=20, shots=1, queries=1, inner_lr=0.1,
-                            inner_steps=5, meta_batch=16, eval_steps=5),
-    },
-    "miniimagenet": {
-        "paper": dict(_CLASSIFICATION_RUN, ways=5, shots=1, queries=15, inner_lr=0.01,
-                      inner_steps=5, meta_batch=4, eval_steps=10),
-        "paper-5shot": dict(_CLASSIFICATION_RUN, ways=5, shots=5, queries=15, inner_lr=0.01,
-                            inner_steps=5, meta_batch=2, eval_steps=10),
-    },
-    "sinusoid": {
-        "paper": dict(shots=10, queries=10, inner_lr=0.01, inner_steps=1, meta_batch=25,
-                      meta_lr=1e-3, iterations=70000, eval_steps=10, eval_shots=[5, 10],
-                      eval_queries=100),
-        "quick": dict(shots=10, queries=10, inner_lr=0.01, inner_steps=1, meta_batch=25,
-                      meta_lr=1e-3, iterations=4000, val_every=500, checkpoint_every=500,
-                      eval_steps=10, eval_shots=[5, 10], eval_queries=100),
-    },
-}
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None,
+            max: float | None = None, above: float | None = None, group: str | None = None,
+            default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field documented by ``help``, with its valid range: ``min <= value <= max``,
+    ``value > above``; ``group`` places its flag in ``--help``."""
+    metadata = {"help": help, "min": min, "max": max, "above": above, "group": group}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
-def _unknown(kind: str, value: str, choices: tuple[str, ...] | list[str]) -> str:
-    close = difflib.get_close_matches(str(value), list(choices), n=1)
+# -- the parser ----------------------------------------------------------------------------------
+
+def _empty(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null",
+                                                                                  ""))
+
+
+def coerce_value(value: Any, hint: Any) -> Any:
+    """``value`` (from YAML or the command line) as type ``hint``: bool (true/false, yes/no,
+    on/off, 1/0), int, float, str, ``Literal[...]``, ``tuple[T, ...]``, ``list[T]``, ``X | None``.
+    Raises ``ValueError``/``TypeError`` when it is not one."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if _empty(value) and type(None) in args:
+            return None
+        return coerce_value(value, next(a for a in args if a is not type(None)))
+    if _empty(value):
+        raise ValueError("empty")
+    if origin is Literal:
+        if str(value) not in [str(a) for a in args]:
+            raise ValueError(value)
+        return str(value)
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = value.strip("()[] ").replace(",", " ").split()
+        elif not isinstance(value, list | tuple):
+            value = [value]
+        items = [coerce_value(v, args[0]) for v in value]
+        return tuple(items) if origin is tuple else items
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in TRUE or text in FALSE:
+            return text in TRUE
+        raise ValueError(value)
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise TypeError("a boolean is not a number")
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            if isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
+                number = float(value)
+                if not number.is_integer():
+                    raise ValueError(value)
+                return int(number)
+            return int(value)
+        return float(value)
+    if isinstance(value, dict | list):
+        raise TypeError("expected a single value")
+    return str(value)
+
+
+def describe_type(hint: Any) -> str:
+    """A reader's name for ``hint`` (``int``, ``one of a, b``, ``list of int``, ``... or none``)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        inner = [describe_type(a) for a in args if a is not type(None)]
+        return " or ".join(inner) + (" or none" if type(None) in args else "")
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if origin in (tuple, list):
+        return f"list of {describe_type(args[0])}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def type_hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def coerce_field(cls: type, name: str, value: Any) -> Any:
+    """``value`` read as the type of field ``name`` of dataclass ``cls``, or a ConfigError."""
+    hint = type_hints(cls)[name]
+    try:
+        return coerce_value(value, hint)
+    except (TypeError, ValueError, StopIteration):
+        choices = [a for a in get_args(hint) if isinstance(a, str)]
+        if get_origin(hint) is Literal and isinstance(value, str):
+            raise ConfigError(unknown(f"{name} value", value, choices)) from None
+        raise ConfigError(f"{name}: cannot read {value!r} as {describe_type(hint)}") from None
+
+
+def check_ranges(obj: Any) -> None:
+    """Every numeric field of dataclass ``obj`` is finite and within its declared range."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        values = value if isinstance(value, list | tuple) else [value]
+        for v in values:
+            if not isinstance(v, int | float) or isinstance(v, bool):
+                continue
+            low, high, above = (f.metadata.get(k) for k in ("min", "max", "above"))
+            bad = not math.isfinite(v) or (low is not None and v < low) or (
+                high is not None and v > high) or (above is not None and v <= above)
+            if bad:
+                parts = ([f">= {low}"] if low is not None else []) + (
+                    [f"> {above}"] if above is not None else []) + (
+                    [f"<= {high}"] if high is not None else [])
+                kind = "an integer" if isinstance(v, int) else "a finite number"
+                raise ConfigError(f"{f.name} must be {kind} {' and '.join(parts)}, got {v!r}"
+                                  .replace("  ", " "))
+
+
+def unknown(kind: str, value: str, choices: Iterable[str]) -> str:
+    choices = list(choices)
+    close = difflib.get_close_matches(str(value), choices, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return f"unknown {kind} {value!r}.{hint} Valid: {', '.join(choices)}"
 
 
-def coerce(name: str, value: Any) -> Any:
-    """Converts a value from YAML or the command line to the field's type, or explains why not."""
-    if name not in FIELDS:
-        raise ConfigError(_unknown("setting", name, list(FIELDS)))
-    default = FIELDS[name].default
-    if default is dataclasses.MISSING:
-        default = FIELDS[name].default_factory()  # type: ignore[misc]
-    annotation = str(FIELDS[name].type)
-    try:
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if "None" not in annotation:
-                raise ConfigError(f"{name} cannot be empty")
-            return None
-        if isinstance(default, bool) or annotation == "bool":
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes", "on"):
-                return True
-            if str(value).lower() in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if annotation.startswith("list[int]"):
-            if isinstance(value, str):
-                value = [v for v in value.replace(",", " ").split() if v]
-            return [int(v) for v in value]
-        if "int" in annotation and "float" not in annotation:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if "float" in annotation:
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: cannot read {value!r} as {annotation}") from None
-
-
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping of settings from ``path``, or a ConfigError saying what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"config file {path} is not readable YAML ({first})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise ConfigError(f"config file {path} must hold a mapping of setting: value")
     return data
 
 
+# -- shared settings -----------------------------------------------------------------------------
+
+Device = str
+"""``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
+
+
+@dataclass
+class RunSettings:
+    """The run settings every training has, supervised or meta-RL."""
+
+    iterations: int = setting(70000, "meta-iterations to train", min=1, group="run")
+    seed: int = setting(0, "seed of initial weights, task sampling and everything random",
+                        min=0, group="run")
+    device: Device = setting("auto", "auto, cpu, cuda or cuda:N (under torchrun: the local "
+                             "rank's GPU)", group="run")
+    threads: int | None = setting(None, "CPU threads for torch (none: torch's default)", min=1,
+                                  group="run")
+    val_every: int = setting(1000, "validate (and keep the best checkpoint) every N iterations",
+                             min=1, group="run")
+    log_every: int = setting(50, "write a metrics.jsonl record every N iterations", min=1,
+                             group="run")
+    checkpoint_every: int = setting(1000, "write a checkpoint every N iterations", min=1,
+                                    group="run")
+    keep_checkpoints: int = setting(3, "how many recent checkpoints to keep", min=1, group="run")
+
+
+@dataclass
+class ExperimentConfig(RunSettings):
+    """One supervised meta-learning experiment: the shared fields, then ``task_options`` (the
+    task's ``Options``) and ``algo_options`` (the algorithm's ``Options``)."""
+
+    task: str = setting("sinusoid", "task name, or package.module:factory", group="task")
+    algo: str = setting("maml", "algorithm name, or package.module:Class", group="inner loop")
+    # tasks
+    shots: int = setting(10, "examples per class (per task for regression) in the support set",
+                         min=1, group="task")
+    queries: int = setting(10, "query examples per class (per task for regression) in "
+                           "meta-training", min=1, group="task")
+    # inner loop
+    inner_lr: float = setting(0.01, "α, the inner-loop step size", above=0, group="inner loop")
+    inner_steps: int = setting(1, "K, inner steps in meta-training", min=1, group="inner loop")
+    first_order: bool = setting(False, "first-order approximation of the meta-gradient",
+                                group="inner loop")
+    learn_inner_lr: bool = setting(False, "learn α per parameter element (Meta-SGD)",
+                                   group="inner loop")
+    transductive: bool = setting(True, "queries normalised with their own batch statistics "
+                                 "(the MAML paper's BatchNorm)", group="inner loop")
+    batching: Literal["auto", "vmap", "loop"] = setting(
+        "auto", "how tasks are batched: vmap, a loop, or auto (vmap where verified exact)",
+        group="inner loop")
+    compile: bool = setting(False, "torch.compile the meta-gradient", group="inner loop")
+    checkpoint_inner_steps: bool = setting(False, "recompute inner steps in the meta-backward "
+                                           "(less memory, same gradient)", group="inner loop")
+    # outer loop
+    meta_batch: int = setting(25, "tasks per meta-iteration", min=1, group="outer loop")
+    meta_lr: float = setting(1e-3, "β, the outer optimizer's learning rate", above=0,
+                             group="outer loop")
+    meta_optimizer: Literal["adam", "sgd"] = setting("adam", "outer optimizer",
+                                                     group="outer loop")
+    meta_lr_schedule: Literal["constant", "cosine"] = setting(
+        "constant", "constant β, or cosine annealing to min_meta_lr over the run's iterations",
+        group="outer loop")
+    min_meta_lr: float = setting(1e-5, "final β of the cosine schedule", min=0,
+                                 group="outer loop")
+    baseline: bool = setting(True, "also train the pretrained-on-all-tasks baseline on the "
+                             "same batches", group="outer loop")
+    # validation and evaluation
+    val_tasks: int = setting(100, "validation tasks", min=1, group="evaluation")
+    eval_tasks: int = setting(600, "test tasks at evaluation", min=1, group="evaluation")
+    eval_steps: int = setting(10, "largest number of adaptation steps at evaluation", min=0,
+                              group="evaluation")
+    eval_shots: list[int] = setting(help="shots evaluated (regression; classification "
+                                    "evaluates shots)", min=1, group="evaluation",
+                                    default_factory=lambda: [5, 10])
+    eval_queries: int | None = setting(None, "query examples per class at validation and "
+                                       "evaluation (none: queries)", min=1, group="evaluation")
+    task_options: Any = field(default=None, repr=False, metadata={"internal": True})
+    algo_options: Any = field(default=None, repr=False, metadata={"internal": True})
+
+    # -- structure ----------------------------------------------------------------------------
+    def shared_items(self) -> Iterator[tuple[str, Any]]:
+        for f in dataclasses.fields(self):
+            if not f.metadata.get("internal"):
+                yield f.name, getattr(self, f.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat settings (shared, then the task's, then the algorithm's), as in config.yaml."""
+        values = dict(self.shared_items())
+        for options in (self.task_options, self.algo_options):
+            if options is not None:
+                values.update(dataclasses.asdict(options))
+        return values
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return algorithm_class(self.algo).capabilities
+
+    def learner_settings(self, classes: int | None, device: Any) -> LearnerSettings:
+        """The shared settings an algorithm is built from."""
+        names = {f.name for f in dataclasses.fields(LearnerSettings)} - {"classes", "device"}
+        return LearnerSettings(**{n: getattr(self, n) for n in names}, classes=classes,
+                               device=device)
+
+    def validate(self) -> ExperimentConfig:
+        """Ranges of every field, and the settings the algorithm cannot use refused."""
+        check_ranges(self)
+        if self.min_meta_lr > self.meta_lr and self.meta_lr_schedule == "cosine":
+            raise ConfigError(f"min_meta_lr={self.min_meta_lr} is above meta_lr={self.meta_lr}; "
+                              "the cosine schedule anneals from meta_lr down to min_meta_lr")
+        caps = self.capabilities
+        defaults = {f.name: f.default for f in dataclasses.fields(ExperimentConfig)}
+        refused = {
+            "first_order": caps.first_order and caps.inner_loop,
+            "learn_inner_lr": caps.learn_inner_lr and caps.inner_loop,
+            "compile": caps.compile,
+            "checkpoint_inner_steps": caps.checkpoint_inner_steps,
+            "batching": caps.batching,
+        }
+        for name, allowed in refused.items():
+            if not allowed and getattr(self, name) != defaults[name]:
+                raise ConfigError(f"{name}={getattr(self, name)!r} does not apply to algorithm "
+                                  f"{self.algo!r}; remove it")
+        if self.checkpoint_inner_steps and (self.compile or self.batching == "vmap"):
+            raise ConfigError("checkpoint_inner_steps works with looped tasks only: remove "
+                              "compile and batching=vmap")
+        return self
+
+
+SHARED_FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)
+                 if not f.metadata.get("internal")}
+
+
+def algorithm_class(name: str) -> Any:
+    return ALGORITHMS.get(name)
+
+
+def task_factory(name: str) -> Any:
+    return TASKS.get(name)
+
+
+def options_class(owner: Any) -> type:
+    """The ``Options`` dataclass an algorithm class or a task factory declares."""
+    options = getattr(owner, "Options", None)
+    return options if options is not None else NoOptions
+
+
+def fields_for(task: str, algo: str) -> dict[str, tuple[type, dataclasses.Field]]:
+    """Every setting a run of ``task`` with ``algo`` accepts: name -> (owning dataclass, field)."""
+    found: dict[str, tuple[type, dataclasses.Field]] = {
+        n: (ExperimentConfig, f) for n, f in SHARED_FIELDS.items()}
+    for owner in (options_class(task_factory(task)), options_class(algorithm_class(algo))):
+        for f in dataclasses.fields(owner):
+            if f.name in found and found[f.name][0] is not ExperimentConfig:
+                raise ConfigError(f"setting {f.name!r} is declared by both the task and the "
+                                  "algorithm; rename one of them")
+            found[f.name] = (owner, f)
+    return found
+
+
+LEGACY_FIELDS = frozenset({
+    "ways", "data", "split", "rotations", "model", "mamlpp_multi_step_loss", "mamlpp_msl_epochs",
+    "mamlpp_first_order_epochs", "mamlpp_step_lrs", "mamlpp_per_step_bn", "iterations_per_epoch",
+    "imaml_lambda", "imaml_cg_iterations", "cavia_context_dim", "blackbox_width",
+    "blackbox_layers", "blackbox_heads", "baseline_iterations", "eval_lr"})
+"""Fields that config.yaml files written before per-task and per-algorithm options held for every
+run; reading such a file ignores the ones that do not apply."""
+
+
+def from_dict(values: dict[str, Any], *, stored: bool = False) -> ExperimentConfig:
+    """The configuration for flat ``values`` (YAML, command-line strings). Unknown settings are
+    refused, with the closest valid name; a setting of another algorithm or task says so.
+    ``stored``: ``values`` come from a run's config.yaml, possibly written by an older version
+    (its inapplicable legacy fields are ignored)."""
+    task = str(values.get("task", "sinusoid"))
+    algo = str(values.get("algo", "maml"))
+    task, algo = TASKS.canonical(task), ALGORITHMS.canonical(algo)
+    accepted = fields_for(task, algo)
+    parsed: dict[type, dict[str, Any]] = {}
+    for name, value in values.items():
+        if name not in accepted:
+            if stored and name in LEGACY_FIELDS:
+                continue
+            raise ConfigError(not_accepted(name, task, algo, accepted))
+        owner, _ = accepted[name]
+        parsed.setdefault(owner, {})[name] = coerce_field(owner, name, value)
+    shared = parsed.pop(ExperimentConfig, {})
+    shared.update(task=task, algo=algo)
+    task_cls = options_class(task_factory(task))
+    algo_cls = options_class(algorithm_class(algo))
+    cfg = ExperimentConfig(**shared, task_options=_build_options(task_cls, parsed.get(task_cls)),
+                           algo_options=_build_options(algo_cls, parsed.get(algo_cls)))
+    return cfg.validate()
+
+
+def _build_options(cls: type, values: dict[str, Any] | None) -> Any:
+    try:
+        options = cls(**(values or {}))
+    except TypeError as exc:  # a required option without a value
+        raise ConfigError(f"{cls.__name__}: {exc}") from None
+    check_ranges(options)
+    return options
+
+
+def not_accepted(name: str, task: str, algo: str,
+                 accepted: dict[str, tuple[type, dataclasses.Field]]) -> str:
+    """Why setting ``name`` is refused: it belongs to another algorithm, or the closest valid
+    name."""
+    for other in ALGORITHMS:
+        if other != algo and ":" not in other:
+            cls = algorithm_class(other)
+            if name in {f.name for f in dataclasses.fields(options_class(cls))}:
+                return (f"setting {name!r} belongs to algorithm {other!r}, not {algo!r}; add "
+                        f"--algo {other} or remove it")
+    close = difflib.get_close_matches(name, list(accepted), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return (f"unknown setting {name!r} for task {task!r} with algorithm {algo!r}.{hint} "
+            f"`metagrad train {task} --algo {algo} --help` lists the settings")
+
+
+def presets_of(task: str) -> dict[str, dict[str, Any]]:
+    return dict(getattr(task_factory(task), "presets", {}) or {})
+
+
 def resolve(task: str, preset: str | None = None, overrides: dict[str, Any] | None = None
             ) -> ExperimentConfig:
-    """The configuration for ``task``: defaults, then the task preset, then ``overrides``."""
-    if task not in TASKS:
-        raise ConfigError(_unknown("task", task, TASKS))
-    overrides = {k: coerce(k, v) for k, v in (overrides or {}).items()}
-    presets = PRESETS.get(task, {})
-    if preset is None:  # the paper's settings for the ways/shots asked for
-        preset = "paper"
-        if task == "omniglot" and overrides.get("ways", 5) >= 20:
-            preset = "paper-20way"
-        elif task == "miniimagenet" and overrides.get("shots", 1) >= 5:
-            preset = "paper-5shot"
-    if presets and preset not in presets:
-        raise ConfigError(_unknown(f"preset for {task}", preset, list(presets)))
-    values: dict[str, Any] = {"task": task, **presets.get(preset, {}), **overrides}
-    if task == "omniglot" and "queries" not in overrides:
-        values["queries"] = values.get("shots", 1)  # the paper's code: K query images per class
-    return ExperimentConfig(**values).validate()
-
-
-def from_dict(data: dict[str, Any]) -> ExperimentConfig:
-    return ExperimentConfig(**{k: coerce(k, v) for k, v in data.items()}).validate()
+    """The configuration for ``task``: defaults, then the task's preset (``preset``, else the
+    one the task chooses for ``overrides``), then ``overrides``."""
+    task = TASKS.canonical(task)
+    overrides = dict(overrides or {})
+    overrides.pop("task", None)
+    algo = ALGORITHMS.canonical(str(overrides.get("algo", "maml")))
+    accepted = fields_for(task, algo)
+    typed = {}
+    for k, v in overrides.items():
+        if k not in accepted:
+            raise ConfigError(not_accepted(k, task, algo, accepted))
+        typed[k] = coerce_field(accepted[k][0], k, v)
+    presets = presets_of(task)
+    if preset is None:
+        choose = getattr(task_factory(task), "default_preset", None)
+        preset = choose(typed) if choose is not None else None
+    if preset is not None and preset not in presets:
+        raise ConfigError(unknown(f"preset for {task}", preset, list(presets) or ["(none)"]))
+    return from_dict({**(presets[preset] if preset else {}), **typed, "task": task})

@@ -7,13 +7,17 @@ accumulates the meta-gradient of its share (a mean over its n_r tasks); one all-
 Σ_r (n_r/n)·g_r gives every rank the gradient of the mean over all n tasks, and every rank then
 takes the same optimizer step, so parameters stay identical without being broadcast. Rank 0
 alone logs, validates, plots and writes checkpoints.
+
+Devices: every process computes on the device :func:`resolve_device` gives it (under ``torchrun``
+with CUDA, its local rank's GPU) and the process group uses NCCL for CUDA devices, gloo for the
+CPU.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -23,25 +27,60 @@ from metagrad.core.taskbatch import TaskBatch
 from metagrad.errors import ConfigError
 
 
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """The device a setting names: ``"auto"`` (CUDA when available, else the CPU), ``"cpu"``,
+    ``"cuda"`` (under ``torchrun``: the GPU of this process's ``LOCAL_RANK``) or ``"cuda:N"``;
+    a clear error when it is not available here."""
+    text = str(name).strip().lower()
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device {name!r} is not a device; use auto, cpu, cuda or cuda:N"
+                          ) from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise ConfigError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asks for CUDA, but CUDA is not available here "
+                          f"(torch {torch.__version__}"
+                          f"{' is a CPU build' if torch.version.cuda is None else ', no GPU seen'}"
+                          "); use --device cpu or auto")
+    count = torch.cuda.device_count()
+    index = device.index if device.index is not None else int(
+        os.environ.get("LOCAL_RANK", "0")) % count
+    if index >= count:
+        raise ConfigError(f"device {name!r}: this machine has {count} CUDA device(s), "
+                          f"cuda:0..cuda:{count - 1}")
+    return torch.device("cuda", index)
+
+
 @dataclass(frozen=True)
 class Distributed:
     rank: int = 0
     world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @classmethod
-    def from_environment(cls) -> Distributed:
-        """Joins the process group that ``torchrun`` describes in the environment (gloo on CPU,
-        NCCL on GPU); a plain single process otherwise."""
+    def from_environment(cls, device: torch.device | str = "cpu") -> Distributed:
+        """Joins the process group that ``torchrun`` describes in the environment (NCCL when
+        this process computes on a CUDA ``device``, gloo on the CPU); a plain single process
+        otherwise."""
+        device = torch.device(device)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
-            return cls()
+            return cls(device=device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size())
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), device)
 
     def part(self, n: int) -> slice:
         """This rank's contiguous share of ``n`` tasks (sizes differ by at most one)."""
@@ -96,7 +135,7 @@ class Distributed:
         """True on every rank if ``flag`` is true on any (so that all ranks stop together)."""
         if self.world_size == 1:
             return flag
-        t = torch.tensor([float(flag)])
+        t = torch.tensor([float(flag)], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 

@@ -19,3 +19,7 @@ class CheckpointError(MetagradError):
 
 class TrainingDivergedError(MetagradError):
     """A non-finite loss; the last good checkpoint is kept."""
+
+
+class RunLockedError(MetagradError):
+    """Another training holds the run directory's lock (two writers would corrupt the run)."""

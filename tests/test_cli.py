@@ -15,9 +15,23 @@ from metagrad.training import checkpoint as ckpt
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "sinusoid", "--inner-lrr", "0.1"], "unrecognized arguments"),
-    (["train", "sinusoid", "--inner-lr", "-1"], "inner_lr must be a positive number"),
-    (["train", "sinusoid", "--inner-steps", "0"], "inner_steps must be a positive integer"),
+    (["train", "sinusoid", "--inner-lrr", "0.1"], "Did you mean 'inner_lr'"),
+    (["train", "sinusoid", "--max-kl", "0.5"], "belongs to meta-RL"),
+    (["train", "sinusoid", "--imaml-lambda", "2"], "belongs to algorithm 'imaml'"),
+    (["train", "sinusoid", "--device", "tpu"], "not a device"),
+    (["train", "sinusoid", "--threads", "-1"], "threads must be an integer >= 1"),
+    (["train", "sinusoid", "--min-meta-lr", "-1"], "min_meta_lr must be"),
+    (["train", "sinusoid", "--meta-lr", "nan"], "meta_lr must be a finite number"),
+    (["train", "sinusoid", "--algo", "mamlpp", "--iterations-per-epoch", "0"],
+     "iterations_per_epoch"),
+    (["train", "sinusoid", "--algo", "imaml", "--imaml-cg-iterations", "-1"],
+     "imaml_cg_iterations"),
+    (["train", "sinusoid", "--algo", "blackbox", "--first-order"], "first_order"),
+    (["train", "sinusoid", "--algo", "no.such.module:Learner"], "cannot import"),
+    (["train", "no.such.module:task"], "cannot import"),
+    (["eval", "no/such/run", "--tasks", "-3"], "not a run directory"),
+    (["train", "sinusoid", "--inner-lr", "-1"], "inner_lr must be a finite number > 0"),
+    (["train", "sinusoid", "--inner-steps", "0"], "inner_steps must be an integer >= 1"),
     (["train", "sinusoid", "--meta-batch", "abc"], "cannot read 'abc'"),
     (["train", "sinusoid", "--preset", "papr"], "Did you mean 'paper'"),
     (["train", "sinusoid", "--batching", "vmapp"], "Did you mean 'vmap'"),
@@ -94,7 +108,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omnig
     (["train", "omniglot", "--shots", "15", "--queries", "10", "--data", str(SHARED)], "20"),
     (["train", "sinusoid", "--inner-lr", "1e9", "--iterations", "50"], "loss became"),
     (["train", "sinusoid", "--algo", "imamll"], "Did you mean 'imaml'"),
-    (["train", "omniglot", "--algo", "cavia"], "cavia"),
+    (["train", "omniglot", "--algo", "cavia", "--data", str(SHARED)], "FiLM"),
 ])
 def test_data_and_training_mistakes_are_explained(argv, message, capsys, tmp_path):
     if "--data" in argv and argv[argv.index("--data") + 1] == str(SHARED) and not SHARED.is_dir():

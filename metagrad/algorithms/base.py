@@ -16,14 +16,17 @@ and one registry line in :data:`metagrad.algorithms.ALGORITHMS`.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from metagrad.core.taskbatch import LossFn, TaskBatch
+from metagrad.errors import ConfigError
 
 MetricFn = Callable[[Tensor, Tensor], Tensor]
 """``metric(output, target) -> scalar`` for one task's queries (accuracy or MSE)."""
@@ -50,6 +53,42 @@ class Capabilities:
     transductive: bool = True
     """Accepts ``transductive`` (the BatchNorm policy of the inner loop)."""
 
+    def refused(self, settings: LearnerSettings) -> list[str]:
+        """The shared settings that differ from their defaults but that this algorithm cannot
+        use (``inner_lr``/``inner_steps`` are not checked: presets set them)."""
+        default = LearnerSettings()
+        return [name for name in ("first_order", "learn_inner_lr", "compile",
+                                  "checkpoint_inner_steps", "batching", "transductive")
+                if not getattr(self, name) and getattr(settings, name) != getattr(default, name)]
+
+    def check(self, settings: LearnerSettings, algorithm: str) -> None:
+        """Raises a :class:`~metagrad.errors.ConfigError` naming every setting in
+        :meth:`refused`."""
+        refused = self.refused(settings)
+        if refused:
+            raise ConfigError(
+                f"{algorithm} cannot use " + ", ".join(
+                    f"{name}={getattr(settings, name)!r}" for name in refused)
+                + ": " + "; ".join(f"{name}: {_CAPABILITY_HELP[name]}" for name in refused)
+                + "; remove " + ("it" if len(refused) == 1 else "them"))
+
+    def applicable(self, settings: LearnerSettings) -> LearnerSettings:
+        """``settings`` with the refused ones reset to their defaults: for a baseline built
+        beside the chosen algorithm from the same settings (e.g. ``Pretrained``)."""
+        default = LearnerSettings()
+        return dataclasses.replace(settings, **{n: getattr(default, n)
+                                                for n in self.refused(settings)})
+
+
+_CAPABILITY_HELP = {
+    "first_order": "the algorithm fixes its derivative order itself",
+    "learn_inner_lr": "the algorithm fixes how its inner rates are set or learned",
+    "compile": "its meta-gradient is not one differentiable loss to compile",
+    "checkpoint_inner_steps": "it keeps no second-order inner graph worth recomputing",
+    "batching": "it has no per-task inner loop to batch",
+    "transductive": "it has no inner-loop BatchNorm policy",
+}
+
 
 @dataclass(frozen=True)
 class LearnerSettings:
@@ -71,6 +110,31 @@ class LearnerSettings:
 @dataclass
 class NoOptions:
     """The options of an algorithm that has none."""
+
+
+OptionsT = TypeVar("OptionsT")
+
+
+def resolve_options(options_class: type[OptionsT], options: OptionsT | None) -> OptionsT:
+    """``options``, or the defaults when ``None``; refuses options of another algorithm."""
+    if options is None:
+        return options_class()
+    if not isinstance(options, options_class):
+        raise ConfigError(f"expected {options_class.__name__}, got {type(options).__name__}")
+    return options
+
+
+def require_integer(name: str, value: object, minimum: int) -> None:
+    """An option that must be an integer ``>= minimum`` (``ConfigError`` naming it otherwise)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def require_positive(name: str, value: object) -> None:
+    """An option that must be a finite number ``> 0``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 @runtime_checkable

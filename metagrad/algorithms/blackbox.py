@@ -1,8 +1,9 @@
 """The black-box meta-learning baseline of the MAML paper (Finn et al. 2017; the memory-augmented
 networks of Santoro et al. 2016): a sequence model reads a task's support pairs (x, y) and
 predicts the query targets. There are no inner gradient steps; "adaptation" is conditioning on the
-support set, so evaluation reports it once, at 0 steps
-(:func:`metagrad.training.evaluation.per_step_metrics`).
+support set, so evaluation reports it once, at 0 steps (:meth:`BlackBox.evaluation_curve`):
+
+    min_ψ  E_tasks  L(f_ψ(x_query; support), y_query).
 
 Architecture (one episode = ``S`` support and ``Q`` query examples):
 
@@ -33,16 +34,39 @@ running statistics at evaluation (:meth:`BlackBox.predict`, which evaluation use
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Self
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metagrad.core.taskbatch import TaskBatch, check_task_batch
+from metagrad.algorithms.base import (
+    Capabilities,
+    LearnerSettings,
+    MetricFn,
+    require_integer,
+    resolve_options,
+)
+from metagrad.core.taskbatch import LossFn, TaskBatch, check_task_batch
 from metagrad.errors import ConfigError
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+
+@dataclass
+class BlackBoxOptions:
+    """The black box's sizes (``--blackbox-...`` flags)."""
+
+    blackbox_width: int = field(default=128, metadata={
+        "help": "token size of the attention blocks (divisible by blackbox_heads)"})
+    blackbox_layers: int = field(default=2, metadata={"help": "number of attention blocks"})
+    blackbox_heads: int = field(default=4, metadata={"help": "attention heads per block"})
+
+    def __post_init__(self) -> None:
+        for name in ("blackbox_width", "blackbox_layers", "blackbox_heads"):
+            require_integer(name, getattr(self, name), 1)
+        if self.blackbox_width % self.blackbox_heads:
+            raise ConfigError(f"blackbox_width={self.blackbox_width} must be divisible by "
+                              f"blackbox_heads={self.blackbox_heads}")
 
 
 class SupportAttention(nn.Module):
@@ -88,6 +112,11 @@ class BlackBox(nn.Module):
         heads: attention heads.
     """
 
+    Options: ClassVar[type] = BlackBoxOptions
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        inner_loop=False, first_order=False, learn_inner_lr=False, compile=False,
+        checkpoint_inner_steps=False, batching=False, transductive=False)
+
     def __init__(self, encoder: nn.Module, feature_dim: int, loss_fn: LossFn, *,
                  classes: int | None = None, target_dim: int = 1, width: int = 128,
                  layers: int = 2, heads: int = 4) -> None:
@@ -130,6 +159,18 @@ class BlackBox(nn.Module):
             kwargs.setdefault("target_dim", head.out_features)
         return cls(model, head.in_features, loss_fn, classes=classes, **kwargs)
 
+    @classmethod
+    def from_config(cls, model: nn.Module, loss_fn: LossFn, settings: LearnerSettings,
+                    options: Any = None) -> Self:
+        """:meth:`from_model` (``model`` loses its head) with ``settings.classes`` classes and
+        the sizes of ``options`` (:class:`BlackBoxOptions`), on ``settings.device``. Refuses
+        the inner-loop settings (:attr:`capabilities`)."""
+        options = resolve_options(cls.Options, options)
+        cls.capabilities.check(settings, cls.__name__)
+        return cls.from_model(model, loss_fn, classes=settings.classes,
+                              width=options.blackbox_width, layers=options.blackbox_layers,
+                              heads=options.blackbox_heads).to(settings.device)
+
     # -- prediction ---------------------------------------------------------------------------
     def _labels(self, y: Tensor, dtype: torch.dtype) -> Tensor:
         """The label slot of the support tokens: ``[tasks, S, label_dim]``."""
@@ -150,6 +191,9 @@ class BlackBox(nn.Module):
         """Predictions for the queries given the support set, with a leading task dimension:
         ``[tasks, Q, classes]`` logits or ``[tasks, Q, target_dim]`` values (one task: add
         ``.unsqueeze(0)``)."""
+        if not isinstance(support_x, Tensor) or not isinstance(query_x, Tensor):
+            raise ConfigError("BlackBox encodes one input tensor per example; got "
+                              f"{type(support_x).__name__} / {type(query_x).__name__} inputs")
         if support_x.dim() < 2 or query_x.dim() < 2 or support_x.shape[0] != query_x.shape[0]:
             raise ConfigError(f"expected support_x [tasks, S, ...] and query_x [tasks, Q, ...] "
                               f"with the same tasks, got {tuple(support_x.shape)} and "
@@ -197,3 +241,12 @@ class BlackBox(nn.Module):
         loss = self.meta_loss(*batch.tensors())
         loss.backward()
         return loss.detach()
+
+    def evaluation_curve(self, batch: TaskBatch, max_steps: int, metric: MetricFn) -> Tensor:
+        """``[tasks, 1]``: ``metric(predictions, query_y)`` of each task, the black box reading
+        its support set in eval mode (:meth:`predict`); ``max_steps`` does not apply (no inner
+        steps)."""
+        check_task_batch(*batch.tensors())
+        out = self.predict(batch.support_x, batch.support_y, batch.query_x)
+        return torch.stack([metric(o, y) for o, y in zip(out, batch.query_y, strict=True)]
+                           ).unsqueeze(1)

@@ -10,13 +10,33 @@ context enters the model by concatenation to the input features (``ContextModel`
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Self
 
 import torch
 from torch import Tensor, nn
 
-from metagrad.algorithms.maml import MAML, LossFn
+from metagrad.algorithms.base import (
+    Capabilities,
+    LearnerSettings,
+    require_integer,
+    resolve_options,
+)
+from metagrad.algorithms.maml import MAML
+from metagrad.core.taskbatch import LossFn
 from metagrad.errors import ConfigError
+from metagrad.models.mlp import MLP
+
+
+@dataclass
+class CAVIAOptions:
+    """CAVIA's settings (``--cavia-...`` flags)."""
+
+    cavia_context_dim: int = field(default=5, metadata={
+        "help": "size of the context vector adapted in the inner loop"})
+
+    def __post_init__(self) -> None:
+        require_integer("cavia_context_dim", self.cavia_context_dim, 1)
 
 
 class ContextModel(nn.Module):
@@ -27,21 +47,57 @@ class ContextModel(nn.Module):
 
     def __init__(self, model: nn.Module, context_dim: int) -> None:
         super().__init__()
-        if context_dim < 1:
-            raise ConfigError(f"context_dim must be >= 1, got {context_dim}")
+        require_integer("context_dim", context_dim, 1)
         self.model = model
         self.context = nn.Parameter(torch.zeros(context_dim), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise ConfigError("CAVIA concatenates its context to one input tensor per example; "
+                              f"got {type(x).__name__} inputs")
         x = x.flatten(1)
         return self.model(torch.cat([x, self.context.expand(x.shape[0], -1)], dim=1))
 
 
+def with_context_inputs(model: nn.Module, context_dim: int) -> MLP:
+    """A freshly initialised :class:`~metagrad.models.mlp.MLP` shaped like ``model`` whose first
+    layer reads ``context_dim`` more input features (the task's network, made able to read the
+    context: 1-40-40-1 becomes (1 + context_dim)-40-40-1 on sinusoid)."""
+    if type(model) is not MLP:
+        raise ConfigError(
+            f"CAVIA.from_config widens an MLP's first layer for the context; the task's model is "
+            f"a {type(model).__name__} (convolutional models would need FiLM layers). Build "
+            "CAVIA(model, loss_fn, context_dim=...) with a model that reads input features + "
+            "context_dim")
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    sizes = [linears[0].in_features + context_dim, *(m.out_features for m in linears)]
+    batch_norm = any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
+    return MLP(sizes, batch_norm=batch_norm).to(linears[0].weight.dtype)
+
+
 class CAVIA(MAML):
-    """``model`` must accept ``input features + context_dim`` inputs."""
+    """``model`` must accept ``input features + context_dim`` inputs; other keyword arguments
+    are MAML's, except ``adapt`` (the context is what adapts)."""
+
+    Options: ClassVar[type] = CAVIAOptions
+    capabilities: ClassVar[Capabilities] = Capabilities(compile=True, checkpoint_inner_steps=True)
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 1.0,
                  context_dim: int = 5, **kwargs: Any) -> None:
-        kwargs.pop("adapt", None)
+        if "adapt" in kwargs:
+            raise ConfigError("CAVIA adapts only its context vector (context_dim); remove "
+                              "adapt= (or use MAML(adapt=...) to adapt network parameters)")
         super().__init__(ContextModel(model, context_dim), loss_fn, inner_lr, adapt="context",
                          **kwargs)
+
+    @classmethod
+    def from_config(cls, model: nn.Module, loss_fn: LossFn, settings: LearnerSettings,
+                    options: Any = None) -> Self:
+        """CAVIA on the task's network widened for the context (:func:`with_context_inputs`)."""
+        options = resolve_options(cls.Options, options)
+        return super().from_config(with_context_inputs(model, options.cavia_context_dim),
+                                   loss_fn, settings, options)
+
+    @classmethod
+    def option_arguments(cls, options: CAVIAOptions) -> dict[str, Any]:
+        return dict(context_dim=options.cavia_context_dim)

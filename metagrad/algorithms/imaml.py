@@ -11,44 +11,78 @@ memory does not grow with the number of inner steps.
 
 The formula holds at a local minimum of the regularised problem, where H + λI is positive
 definite. With too few inner steps (or a small λ) φ is not there, I + H/λ can have negative
-eigenvalues, and plain CG on it returns arbitrarily large vectors of arbitrary sign (measured on
-sinusoid regression with λ = 1: the batch's meta-gradient pointed away from the true gradient,
-cosine −0.55, and training did not learn). CG therefore stops at the first direction of
-non-positive curvature (:func:`~metagrad.core.solvers.guarded_conjugate_gradient`). Tasks are
-batched with ``vmap`` where exact (see :mod:`metagrad.core.batching`).
+eigenvalues, and plain CG on it returns arbitrarily large vectors of arbitrary sign. CG therefore
+stops at the first direction of non-positive curvature
+(:func:`~metagrad.core.solvers.guarded_conjugate_gradient`). Tasks are batched with ``vmap``
+where exact in second order (Hessian-vector products; see :mod:`metagrad.core.batching`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, grad_and_value, vjp
 
+from metagrad.algorithms.base import Capabilities, require_integer, require_positive
 from metagrad.algorithms.maml import MAML
 from metagrad.core.batching import per_task
 from metagrad.core.functional import Params, double_backward_kernels
 from metagrad.core.solvers import guarded_conjugate_gradient
-from metagrad.core.taskbatch import LossFn, TaskBatch, check_task_batch
+from metagrad.core.taskbatch import Inputs, LossFn, TaskBatch, check_task_batch
 from metagrad.errors import ConfigError
 
 
+@dataclass
+class IMAMLOptions:
+    """iMAML's settings (``--imaml-...`` flags)."""
+
+    imaml_lambda: float = field(default=1.0, metadata={
+        "help": "λ, strength of the proximal term λ/2 ‖φ − θ‖² of the inner problem"})
+    imaml_cg_iterations: int = field(default=5, metadata={
+        "help": "conjugate-gradient iterations of the implicit meta-gradient solve"})
+
+    def __post_init__(self) -> None:
+        require_positive("imaml_lambda", self.imaml_lambda)
+        require_integer("imaml_cg_iterations", self.imaml_cg_iterations, 1)
+
+
 class IMAML(MAML):
+    """iMAML with regularisation ``lam`` (λ) and ``cg_iterations`` of CG; other keyword
+    arguments are MAML's, except ``adapt``, ``learn_inner_lr`` and ``first_order`` (all
+    parameters adapt with a fixed rate; the inner loop keeps no graph by construction)."""
+
+    Options: ClassVar[type] = IMAMLOptions
+    capabilities: ClassVar[Capabilities] = Capabilities(first_order=False, learn_inner_lr=False)
+
     def __init__(self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.01,
                  inner_steps: int = 10, *, lam: float = 1.0, cg_iterations: int = 5,
                  **kwargs: Any) -> None:
         if kwargs.get("adapt") is not None or kwargs.get("learn_inner_lr"):
             raise ConfigError("iMAML adapts all parameters with a fixed inner rate; "
                               "remove adapt= / learn_inner_lr=")
-        if not lam > 0:
-            raise ConfigError(f"iMAML's regularisation lam must be > 0, got {lam}")
+        if kwargs.get("first_order"):
+            raise ConfigError("iMAML's meta-gradient is implicit (Hessian-vector products at "
+                              "the inner solution) and its inner loop keeps no graph; "
+                              "first_order does not apply: remove it")
+        require_positive("lam", lam)
+        require_integer("cg_iterations", cg_iterations, 1)
         kwargs["first_order"] = True  # the inner loop never keeps a graph
         super().__init__(model, loss_fn, inner_lr, inner_steps, **kwargs)
         self.lam = float(lam)
         self.cg_iterations = cg_iterations
 
-    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None, *,
+    @property
+    def meta_gradient_first_order(self) -> bool:
+        return False  # Hessian-vector products
+
+    @classmethod
+    def option_arguments(cls, options: IMAMLOptions) -> dict[str, Any]:
+        return dict(lam=options.imaml_lambda, cg_iterations=options.imaml_cg_iterations)
+
+    def adapt(self, support_x: Inputs, support_y: Tensor, steps: int | None = None, *,
               first_order: bool | None = None, trajectory: bool = False,
               params: Params | None = None,
               buffers: dict[str, Tensor] | None = None) -> Params | list[Params]:
@@ -58,14 +92,12 @@ class IMAML(MAML):
         halved instead (per task and branch-free, so it runs under vmap); with a rate small
         enough for the task's curvature this is plain gradient descent. The implicit gradient
         depends only on where the inner solver ends, not on its path (the paper's point), so any
-        descent method is admissible; plain GD with a fixed rate is not, on sinusoid: meta-training
-        sharpens the support loss (curvature ~2/α is what makes a step of α effective) until a
-        step of ``inner_lr`` overshoots by orders of magnitude, which the implicit gradient
-        cannot see, and training ended in NaN."""
-        theta = {n: p.detach() for n, p in (self.params() if params is None else params).items()}
-        steps = self.inner_steps if steps is None else steps
-        if not isinstance(steps, int) or steps < 0:
-            raise ConfigError(f"steps must be an integer >= 0, got {steps!r}")
+        descent method is admissible; a fixed rate is not safe, since meta-training sharpens the
+        support loss until a step of ``inner_lr`` can overshoot, which the implicit gradient
+        cannot see. ``first_order`` is ignored (no graph is ever kept)."""
+        steps, _, params, buffers = self.adaptation_defaults(
+            support_x, support_y, steps, first_order, params, buffers)
+        theta = {n: p.detach() for n, p in params.items()}
 
         def regularised(phi: Params) -> Tensor:
             prox = sum(((phi[n] - theta[n]) ** 2).sum() for n in theta)
@@ -85,7 +117,7 @@ class IMAML(MAML):
                 path.append(phi)
         return path if trajectory else phi
 
-    def task_meta_gradient(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor,
+    def task_meta_gradient(self, sx: Inputs, sy: Tensor, qx: Inputs, qy: Tensor,
                            buffers: dict[str, Tensor] | None = None) -> tuple[Params, Tensor]:
         """(I + H/λ)⁻¹ ∇L_query(φ) for one task, and L_query(φ)."""
         buffers = self.functional.buffers() if buffers is None else buffers
@@ -118,13 +150,13 @@ class IMAML(MAML):
         check_task_batch(*tasks)
         buffers = self.functional.buffers()
 
-        def task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> dict[str, Tensor]:
-            g, loss = self.task_meta_gradient(sx, sy, qx, qy, buffers)
-            return {**g, "__query_loss__": loss}
+        def task(sx: Inputs, sy: Tensor, qx: Inputs, qy: Tensor) -> tuple[Params, Tensor]:
+            return self.task_meta_gradient(sx, sy, qx, qy, buffers)
 
         with double_backward_kernels(True):  # Hessian-vector products: second order
-            out = per_task(task, tasks, self.batching, self.model, first_order=False)
+            grads, losses = per_task(task, tasks, self.batching, self.model,
+                                     first_order=self.meta_gradient_first_order)
         for n, p in self.params().items():
-            step = out[n].mean(dim=0)
+            step = grads[n].mean(dim=0)
             p.grad = step if p.grad is None else p.grad + step
-        return out["__query_loss__"].mean()
+        return losses.mean()

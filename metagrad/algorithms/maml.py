@@ -6,18 +6,30 @@ Meta-objective (Eq. 3, averaged over a batch of tasks T_i):
 
 ``meta_loss(...).backward()`` fills ``.grad`` of the model's parameters (and of the learned inner
 rates) with the exact meta-gradient (second order) or its first-order approximation.
+
+Inputs may be one tensor, a tuple of tensors (``model(*x)``) or a dict of tensors
+(``model(**x)``), each with the leading dimensions of :class:`~metagrad.core.taskbatch.TaskBatch`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, Self
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value
 
-from metagrad.core.batching import Batching, per_task, use_vmap
+from metagrad.algorithms.base import (
+    Capabilities,
+    LearnerSettings,
+    MetricFn,
+    NoOptions,
+    resolve_options,
+)
+from metagrad.core.batching import Batching, per_task, require_vmap_exact, use_vmap
 from metagrad.core.functional import (
     FunctionalModel,
     Params,
@@ -29,7 +41,17 @@ from metagrad.core.functional import (
 from metagrad.core.inner_loop import LearningRate, inner_loop
 from metagrad.core.per_step_norm import per_step_norms
 from metagrad.core.rates import InnerLearningRates
-from metagrad.core.taskbatch import LossFn, TaskBatch, check_pair, check_task_batch
+from metagrad.core.taskbatch import (
+    Inputs,
+    LossFn,
+    TaskBatch,
+    call_arguments,
+    check_output,
+    check_pair,
+    check_task_batch,
+    describe,
+    task_slices,
+)
 from metagrad.errors import ConfigError
 
 
@@ -37,9 +59,11 @@ class MAML(nn.Module):
     """Model-agnostic meta-learner around ``model``, whose tensors adaptation never modifies.
 
     Args:
-        model: any ``nn.Module``; parameters shared between layers stay shared.
-        loss_fn: ``loss_fn(output, target) -> scalar`` (e.g. ``F.cross_entropy``, ``F.mse_loss``).
-        inner_lr: α; the initial value when learned.
+        model: any ``nn.Module``; parameters shared between layers stay shared; at least one
+            parameter must require gradients.
+        loss_fn: ``loss_fn(output, target) -> scalar`` (e.g. ``F.cross_entropy``, ``F.mse_loss``);
+            a floating-point target must have the output's shape (no silent broadcasting).
+        inner_lr: α, a finite number > 0; the initial value when learned.
         inner_steps: K, the default number of inner steps (``adapt(..., steps=)`` overrides).
         first_order: FOMAML: inner gradients treated as constants.
         learn_inner_lr: learn α per parameter element (Meta-SGD).
@@ -53,12 +77,12 @@ class MAML(nn.Module):
             model's running statistics from them (once per call), in eval mode they are
             normalised with the running statistics, so each prediction is independent of the
             other queries.
-        batching: ``"auto"`` (vmap when verified exact for this model, else a loop), ``"vmap"``,
-            ``"loop"``.
+        batching: ``"auto"`` (vmap when verified exact for this model, else a loop), ``"vmap"``
+            (refused at construction for a model with a layer not verified exact under vmap for
+            the meta-gradient's derivative order), ``"loop"``.
         compile: opt-in: :meth:`meta_gradient` runs ``torch.compile`` of
             ``torch.func.grad_and_value`` of the meta-loss (inner steps and outer backward in one
-            graph). 27-35× faster than the fastest peer on the sinusoid MLP after a one-time
-            compile of 15-40 s; not recommended for conv nets (see BENCHMARKS.md).
+            graph), after a one-time compilation (see BENCHMARKS.md for when it pays).
         checkpoint_inner_steps: memory-saving mode for second order: each inner step keeps only
             its input θ'ₖ, and the meta-backward recomputes the step's support forward and
             inner gradient, one step at a time (exact: the same meta-gradient). Costs about one
@@ -73,6 +97,10 @@ class MAML(nn.Module):
     :meth:`functional_forward`.
     """
 
+    Options: ClassVar[type] = NoOptions
+    capabilities: ClassVar[Capabilities] = Capabilities(compile=True,
+                                                        checkpoint_inner_steps=True)
+
     def __init__(self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.01,
                  inner_steps: int = 1, first_order: bool = False, learn_inner_lr: bool = False,
                  adapt: ParamSelector = None, transductive: bool = True,
@@ -83,8 +111,14 @@ class MAML(nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(inner_steps, int) or inner_steps < 1:
             raise ConfigError(f"inner_steps must be a positive integer, got {inner_steps!r}")
-        if not inner_lr > 0:
-            raise ConfigError(f"inner_lr must be > 0, got {inner_lr!r}")
+        if not _is_finite_positive(inner_lr):
+            raise ConfigError(f"inner_lr must be a finite number > 0, got {inner_lr!r}")
+        params = list(model.parameters())
+        if params and not any(p.requires_grad for p in params):
+            raise ConfigError(
+                "every parameter of the model has requires_grad=False, so there is nothing to "
+                "meta-learn (the meta-gradient would be empty); unfreeze the parameters to learn "
+                "(model.requires_grad_(True)), at least those that should be meta-trained")
         if batching not in ("auto", "vmap", "loop"):
             raise ConfigError(f"batching must be 'auto', 'vmap' or 'loop', got {batching!r}")
         if checkpoint_inner_steps and (compile or batching == "vmap"):
@@ -116,6 +150,39 @@ class MAML(nn.Module):
         # per-step BatchNorm layers (MAML++ BNWB/BNRS), told the step before each forward;
         # a plain list (not registered again); empty for ordinary models
         self._per_step_norms = per_step_norms(model)
+        if batching == "vmap":  # never a silently wrong meta-gradient
+            require_vmap_exact(model, self.meta_gradient_first_order)
+
+    @property
+    def meta_gradient_first_order(self) -> bool:
+        """Whether :meth:`meta_gradient` differentiates each task's computation only once (no
+        gradient of an inner gradient): the derivative order that ``batching="vmap"`` must be
+        exact for."""
+        return self.first_order
+
+    @classmethod
+    def from_config(cls, model: nn.Module, loss_fn: LossFn, settings: LearnerSettings,
+                    options: Any = None) -> Self:
+        """The learner for ``model`` (which it owns from then on, and may modify) built from the
+        shared ``settings`` and its own ``options`` (an instance of :attr:`Options`; ``None``:
+        the defaults), on ``settings.device``. Refuses shared settings that its
+        :attr:`capabilities` exclude."""
+        options = resolve_options(cls.Options, options)
+        cls.capabilities.check(settings, cls.__name__)
+        arguments: dict[str, Any] = dict(inner_lr=settings.inner_lr,
+                                         inner_steps=settings.inner_steps,
+                                         transductive=settings.transductive,
+                                         batching=settings.batching)
+        for name in ("first_order", "learn_inner_lr", "compile", "checkpoint_inner_steps"):
+            if getattr(cls.capabilities, name):
+                arguments[name] = getattr(settings, name)
+        return cls(model, loss_fn, **arguments, **cls.option_arguments(options)).to(
+            settings.device)
+
+    @classmethod
+    def option_arguments(cls, options: Any) -> dict[str, Any]:
+        """Constructor keyword arguments from :attr:`Options` (none for MAML)."""
+        return {}
 
     # -- the functional pieces -------------------------------------------------------------
     def params(self) -> Params:
@@ -125,11 +192,12 @@ class MAML(nn.Module):
     def learning_rate(self) -> LearningRate:
         return self.inner_rates if self.inner_rates is not None else self.inner_lr
 
-    def functional_forward(self, params: Params, x: Tensor,
+    def functional_forward(self, params: Params, x: Inputs,
                            buffers: dict[str, Tensor] | None = None, *,
                            batch_statistics: bool | None = None,
                            step: int | None = None) -> Tensor:
-        """The model's output on ``x`` with parameters ``params`` (e.g. from :meth:`adapt`).
+        """The model's output on ``x`` with parameters ``params`` (e.g. from :meth:`adapt`):
+        ``model(x)``, ``model(*x)`` for a tuple, ``model(**x)`` for a dict.
 
         ``buffers`` default to copies of the model's, so the model's own are never written.
         ``batch_statistics`` forces BatchNorm to use the batch's statistics (default: the
@@ -140,44 +208,61 @@ class MAML(nn.Module):
         buffers = self.functional.buffers() if buffers is None else buffers
         for norm in self._per_step_norms:
             norm.step = step
+        args, kwargs = call_arguments(x)
         if self.transductive if batch_statistics is None else batch_statistics:
             with batch_norm_uses_batch_statistics(self.model):
-                return self.functional(params, buffers, x)
-        return self.functional(params, buffers, x)
+                return self.functional(params, buffers, *args, **kwargs)
+        return self.functional(params, buffers, *args, **kwargs)
 
-    def loss(self, params: Params, x: Tensor, y: Tensor,
+    def output_loss(self, output: Tensor, y: Tensor) -> Tensor:
+        """``loss_fn(output, y)``, refusing a floating-point target that would broadcast
+        against the output (:func:`~metagrad.core.taskbatch.check_output`)."""
+        check_output(output, y)
+        return self.loss_fn(output, y)
+
+    def loss(self, params: Params, x: Inputs, y: Tensor,
              buffers: dict[str, Tensor] | None = None, *,
              batch_statistics: bool | None = None, step: int | None = None) -> Tensor:
         """``loss_fn(model(x; params), y)``."""
         out = self.functional_forward(params, x, buffers, batch_statistics=batch_statistics,
                                       step=step)
-        return self.loss_fn(out, y)
+        return self.output_loss(out, y)
 
-    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None, *,
+    def adaptation_defaults(self, support_x: Inputs, support_y: Tensor, steps: int | None,
+                            first_order: bool | None, params: Params | None,
+                            buffers: dict[str, Tensor] | None
+                            ) -> tuple[int, bool, Params, dict[str, Tensor]]:
+        """The prologue every :meth:`adapt` shares: checks one task's support set and ``steps``,
+        and fills in the defaults: (K, the learner's ``first_order``, θ, copies of the model's
+        buffers)."""
+        steps = self.inner_steps if steps is None else steps
+        _check_steps(steps)
+        check_pair(support_x, support_y, "support")
+        return (steps, self.first_order if first_order is None else first_order,
+                self.params() if params is None else params,
+                self.functional.buffers() if buffers is None else buffers)
+
+    def adapt(self, support_x: Inputs, support_y: Tensor, steps: int | None = None, *,
               first_order: bool | None = None, trajectory: bool = False,
               params: Params | None = None,
               buffers: dict[str, Tensor] | None = None) -> Params | list[Params]:
-        """θ' after ``steps`` (default K) inner steps on one task's support set (no task dim).
+        """θ' after ``steps`` (default K) inner steps on one task's support set (no task dim),
+        Eq. 1: θ'ₖ₊₁ = θ'ₖ − α ∇L_support(θ'ₖ).
 
         ``steps=0`` returns θ. With ``trajectory=True``: the list [θ'₀, …, θ'_steps].
         """
-        steps = self.inner_steps if steps is None else steps
-        if not isinstance(steps, int) or steps < 0:
-            raise ConfigError(f"steps must be an integer >= 0, got {steps!r}")
-        check_pair(support_x, support_y, "support")
-        first_order = self.first_order if first_order is None else first_order
-        buffers = self.functional.buffers() if buffers is None else buffers
+        steps, first_order, params, buffers = self.adaptation_defaults(
+            support_x, support_y, steps, first_order, params, buffers)
         with double_backward_kernels(not first_order):
             return inner_loop(
                 lambda p, step: self.loss(p, support_x, support_y, buffers,
                                           batch_statistics=True, step=step),
-                self.params() if params is None else params,
-                steps=steps, lr=self.learning_rate(), first_order=first_order,
+                params, steps=steps, lr=self.learning_rate(), first_order=first_order,
                 adapt=self.adapted_names, trajectory=trajectory,
                 checkpoint=self.checkpoint_inner_steps, step_aware=True,
             )
 
-    def task_query_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+    def task_query_loss(self, support_x: Inputs, support_y: Tensor, query_x: Inputs,
                         query_y: Tensor, steps: int | None = None,
                         buffers: dict[str, Tensor] | None = None) -> Tensor:
         """L_query(θ'_K) for one task; with :meth:`step_weights`, Σₖ wₖ L_query(θ'ₖ), k = 1..K.
@@ -212,12 +297,12 @@ class MAML(nn.Module):
         ``None``: the loss after the last step only (MAML)."""
         return None
 
-    def meta_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
+    def meta_loss(self, support_x: Inputs, support_y: Tensor, query_x: Inputs, query_y: Tensor,
                   steps: int | None = None) -> Tensor:
         """Mean over tasks (leading dimension) of the query loss after adaptation (Eq. 3)."""
         return self._meta_loss((support_x, support_y, query_x, query_y), steps, backward=False)
 
-    def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+    def forward(self, support_x: Inputs, support_y: Tensor, query_x: Inputs,
                 query_y: Tensor) -> Tensor:
         """The meta-loss, so that the learner itself is a function of its parameters."""
         return self.meta_loss(support_x, support_y, query_x, query_y)
@@ -239,29 +324,48 @@ class MAML(nn.Module):
 
         The one method a trainer calls; algorithms whose outer gradient is not the derivative of
         a loss (Reptile, iMAML) override it. When tasks are looped, each task's graph is
-        back-propagated and freed before the next is built (peak memory of one task, not all:
-        5× less on Omniglot 20-way, at the same speed)."""
+        back-propagated and freed before the next is built (peak memory of one task, not all)."""
         if self.compile:
             return self._compiled_meta_gradient(batch)
         return self._meta_loss(batch.tensors(), None, backward=True)
 
-    def _meta_loss(self, tasks: tuple[Tensor, Tensor, Tensor, Tensor], steps: int | None,
+    def evaluation_curve(self, batch: TaskBatch, max_steps: int, metric: MetricFn) -> Tensor:
+        """``[tasks, max_steps + 1]``: ``metric(output, query_y)`` of each task of ``batch`` at
+        θ'ₖ, k = 0..``max_steps`` (Eq. 1 from θ), evaluated with slot k of per-step BatchNorm.
+
+        Adaptation starts from a detached θ and takes first-order steps (the same values, no
+        graph); queries are evaluated without a graph; the learner's parameters and buffers are
+        not modified. Tasks are batched like the meta-gradient (``batching``)."""
+        check_task_batch(*batch.tensors())
+        _check_steps(max_steps)
+        theta = {n: p.detach() for n, p in self.params().items()}
+
+        def task_curve(sx: Inputs, sy: Tensor, qx: Inputs, qy: Tensor) -> Tensor:
+            path = self.adapt(sx, sy, max_steps, first_order=True, trajectory=True, params=theta)
+            with torch.no_grad():
+                return torch.stack([metric(self.functional_forward(p, qx, step=k), qy)
+                                    for k, p in enumerate(path)])
+
+        return per_task(task_curve, batch.tensors(), self.batching, self.model,
+                        first_order=True).detach()
+
+    def _meta_loss(self, tasks: tuple[Inputs, Tensor, Inputs, Tensor], steps: int | None,
                    backward: bool) -> Tensor:
         check_task_batch(*tasks)
-        if steps is not None and (not isinstance(steps, int) or steps < 0):
-            raise ConfigError(f"steps must be an integer >= 0, got {steps!r}")
+        if steps is not None:
+            _check_steps(steps)
         buffers = self.functional.buffers()
 
-        def task_loss(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
+        def task_loss(sx: Inputs, sy: Tensor, qx: Inputs, qy: Tensor) -> Tensor:
             return self.task_query_loss(sx, sy, qx, qy, steps, buffers)
 
         # checkpointed inner steps are a custom autograd.Function, which vmap cannot batch
         batching: Batching = "loop" if self.checkpoint_inner_steps else self.batching
         with double_backward_kernels(not self.first_order), _explain_model_errors(tasks[0]):
             if backward and not use_vmap(batching, self.model, self.first_order):
-                n = tasks[0].shape[0]
+                n = tasks[1].shape[0]
                 losses = []
-                for task in zip(*tasks, strict=True):
+                for task in task_slices(tasks):
                     loss = task_loss(*task)
                     (loss / n).backward()
                     losses.append(loss.detach())
@@ -282,8 +386,20 @@ class MAML(nn.Module):
             buffer.copy_(buffers[name])
 
 
+def _check_steps(steps: object) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ConfigError(f"steps must be an integer >= 0, got {steps!r}")
+
+
+def _is_finite_positive(value: object) -> bool:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
 @contextlib.contextmanager
-def _explain_model_errors(support_x: Tensor) -> Iterator[None]:
+def _explain_model_errors(support_x: Inputs) -> Iterator[None]:
     """A shape mismatch between the data and the model is a user error: say so."""
     try:
         yield
@@ -292,5 +408,5 @@ def _explain_model_errors(support_x: Tensor) -> Iterator[None]:
             raise
         raise ConfigError(
             f"the model or loss could not process this task batch (support_x "
-            f"{tuple(support_x.shape)} = [tasks, examples, *input]): {str(exc).splitlines()[0]}"
+            f"{describe(support_x)} = [tasks, examples, *input]): {str(exc).splitlines()[0]}"
         ) from exc

@@ -22,15 +22,18 @@ MAML exactly.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from metagrad.algorithms.maml import MAML, LossFn
+from metagrad.algorithms.base import Capabilities, require_integer
+from metagrad.algorithms.maml import MAML
 from metagrad.core.per_step_norm import per_step_batch_norm, per_step_norm_parameter_names
 from metagrad.core.rates import InnerLearningRates
-from metagrad.core.taskbatch import TaskBatch
+from metagrad.core.taskbatch import LossFn, TaskBatch
+from metagrad.errors import ConfigError
 
 
 def multi_step_weights(steps: int, epoch: int, msl_epochs: int) -> list[float]:
@@ -44,13 +47,49 @@ def multi_step_weights(steps: int, epoch: int, msl_epochs: int) -> list[float]:
     return [*early, last]
 
 
+@dataclass
+class MAMLppOptions:
+    """MAML++'s settings (``--mamlpp-...`` flags)."""
+
+    mamlpp_multi_step_loss: bool = field(default=True, metadata={
+        "help": "multi-step loss: weighted query losses after every inner step (MSL)"})
+    mamlpp_msl_epochs: int = field(default=10, metadata={
+        "help": "epochs over which the multi-step weights anneal toward the last step"})
+    mamlpp_first_order_epochs: int = field(default=0, metadata={
+        "help": "epochs of first-order meta-gradients before second order (DA)"})
+    mamlpp_step_lrs: bool = field(default=True, metadata={
+        "help": "learn one inner rate per layer and inner step (LSLR)"})
+    mamlpp_per_step_bn: bool = field(default=False, metadata={
+        "help": "per-step BatchNorm weights and running statistics (BNWB, BNRS)"})
+    iterations_per_epoch: int = field(default=500, metadata={
+        "help": "meta-iterations per epoch of the MSL and DA schedules"})
+
+    def __post_init__(self) -> None:
+        require_integer("mamlpp_msl_epochs", self.mamlpp_msl_epochs, 1)
+        require_integer("mamlpp_first_order_epochs", self.mamlpp_first_order_epochs, 0)
+        require_integer("iterations_per_epoch", self.iterations_per_epoch, 1)
+
+
 class MAMLpp(MAML):
+    """MAML with MAML++'s switches (see the module doc); other keyword arguments are MAML's,
+    except ``learn_inner_lr`` (the rates are ``learn_step_lrs``'s)."""
+
+    Options: ClassVar[type] = MAMLppOptions
+    capabilities: ClassVar[Capabilities] = Capabilities(learn_inner_lr=False,
+                                                        checkpoint_inner_steps=True)
+
     def __init__(self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.1,
                  inner_steps: int = 5, *, multi_step_loss: bool = True, msl_epochs: int = 10,
                  first_order_epochs: int = 0, learn_step_lrs: bool = True,
                  iterations_per_epoch: int = 500, per_step_bn: bool = False,
                  **kwargs: Any) -> None:
-        kwargs.pop("learn_inner_lr", None)
+        if kwargs.get("learn_inner_lr"):
+            raise ConfigError("MAML++ learns one inner rate per layer and step (learn_step_lrs); "
+                              "learn_inner_lr (Meta-SGD's per-element rates) does not combine "
+                              "with it: remove learn_inner_lr")
+        require_integer("msl_epochs", msl_epochs, 1)
+        require_integer("first_order_epochs", first_order_epochs, 0)
+        require_integer("iterations_per_epoch", iterations_per_epoch, 1)
         if per_step_bn and isinstance(model, nn.Module) and isinstance(inner_steps, int) \
                 and inner_steps >= 1:
             # BNWB + BNRS: slot k for θ'ₖ, k = 0..K (``model`` is changed in place)
@@ -70,6 +109,15 @@ class MAMLpp(MAML):
         self.iterations_per_epoch = iterations_per_epoch
         self.second_order_after_annealing = not self.first_order
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+
+    @classmethod
+    def option_arguments(cls, options: MAMLppOptions) -> dict[str, Any]:
+        return dict(multi_step_loss=options.mamlpp_multi_step_loss,
+                    msl_epochs=options.mamlpp_msl_epochs,
+                    first_order_epochs=options.mamlpp_first_order_epochs,
+                    learn_step_lrs=options.mamlpp_step_lrs,
+                    per_step_bn=options.mamlpp_per_step_bn,
+                    iterations_per_epoch=options.iterations_per_epoch)
 
     @property
     def epoch(self) -> int:

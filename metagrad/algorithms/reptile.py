@@ -8,25 +8,40 @@ follow-up experiments).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
+from metagrad.algorithms.base import Capabilities
 from metagrad.algorithms.maml import MAML
 from metagrad.core.batching import per_task
-from metagrad.core.taskbatch import TaskBatch
+from metagrad.core.functional import Params
+from metagrad.core.taskbatch import Inputs, TaskBatch, check_task_batch
 
 
 class Reptile(MAML):
+    """Reptile on MAML's inner loop (``first_order`` and learned rates do not apply: the update
+    uses no derivative of the inner steps)."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities(first_order=False, learn_inner_lr=False)
+
+    @property
+    def meta_gradient_first_order(self) -> bool:
+        return True
+
     def meta_gradient(self, batch: TaskBatch) -> Tensor:
+        check_task_batch(*batch.tensors())
         theta = {n: p.detach() for n, p in self.params().items()}
 
-        def task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> dict[str, Tensor]:
+        def task(sx: Inputs, sy: Tensor, qx: Inputs, qy: Tensor) -> tuple[Params, Tensor]:
             phi = self.adapt(sx, sy, first_order=True, params=theta)
             with torch.no_grad():
-                return {**phi, "__query_loss__": self.loss(phi, qx, qy)}
+                return phi, self.loss(phi, qx, qy)
 
-        out = per_task(task, batch.tensors(), self.batching, self.model, first_order=True)
+        phis, losses = per_task(task, batch.tensors(), self.batching, self.model,
+                                first_order=self.meta_gradient_first_order)
         for name, p in self.params().items():
-            step = theta[name] - out[name].mean(dim=0)
+            step = theta[name] - phis[name].mean(dim=0)
             p.grad = step if p.grad is None else p.grad + step
-        return out["__query_loss__"].mean()
+        return losses.mean()

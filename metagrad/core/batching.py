@@ -1,35 +1,37 @@
 """Meta-loss over a batch of tasks: ``vmap`` where it is known to give the same result as a
-per-task loop and is faster, the loop otherwise.
+per-task loop, the loop otherwise.
 
 Why not always ``vmap``: on torch 2.13 (CPU), differentiating *twice* through the native
 ``batch_norm`` / ``layer_norm`` kernels under ``vmap`` returns a wrong meta-gradient for the
-parameters feeding the normalisation (measured in float64: a conv bias before BatchNorm, whose true
-gradient is 0, came out as 9e-2; LayerNorm and InstanceNorm are off by up to 2e-2). First-order
-gradients through them are correct. Some modules (``nn.LSTM``) cannot be vmapped at all. So the
-automatic choice batches only models built from layers whose second-order vmap rule is verified
-(the test suite checks each against the loop), and falls back to the loop on any vmap error.
-BatchNorm is made exact in second order by running it, under vmap, as plain tensor ops
-(:mod:`metagrad.core.fast_norm`).
+parameters feeding the normalisation. First-order gradients through them are correct. Some
+modules (``nn.LSTM``) cannot be vmapped at all. So the automatic choice batches only models built
+from layers whose vmap rule is verified for the derivative order in use (the test suite checks
+each against the loop), and falls back to the loop on any vmap error; forcing ``"vmap"`` on a
+model with any other layer is refused (:func:`require_vmap_exact`) rather than risk a wrong
+meta-gradient. BatchNorm is made exact in second order by running it, under vmap, as plain tensor
+ops (:mod:`metagrad.core.fast_norm`).
 
-Speed (benchmarks/bench_peers.py, 2-core CPU): vmap is 6-7× faster than the loop on MLPs (with or
-without BatchNorm) but 1.9-2.7× *slower* on the Omniglot conv nets, whose per-task weights become
-grouped convolutions. ``"auto"`` therefore takes vmap only for exact models without
-convolutions.
+``"auto"`` takes vmap only for exact models without convolutions, whose per-task weights would
+become grouped convolutions (slower than the loop; see BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
-from torch import Tensor, nn
+import torch.utils._pytree as pytree
+from torch import nn
 from torch.func import vmap
 
 from metagrad.core.fast_norm import batch_norm_as_tensor_ops
+from metagrad.core.per_step_norm import PerStepBatchNorm
+from metagrad.core.taskbatch import Inputs, task_slices
+from metagrad.errors import ConfigError
 
 Batching = Literal["auto", "vmap", "loop"]
-T = TypeVar("T", Tensor, dict[str, Tensor])
+T = TypeVar("T")
 
 _ELEMENTWISE = (
     nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus,
@@ -42,7 +44,10 @@ _VERIFIED_SECOND_ORDER = (
     *_ELEMENTWISE,
 )
 _VERIFIED_FIRST_ORDER_ONLY = (nn.LayerNorm, nn.InstanceNorm2d)
+# Exact when forced (tests/algorithms/test_per_step_bn.py), not chosen by "auto".
+_VERIFIED_WHEN_FORCED = (PerStepBatchNorm,)
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
 
 def _module_is_verified(module: nn.Module, first_order: bool) -> bool:
     allowed = _VERIFIED_SECOND_ORDER + (_VERIFIED_FIRST_ORDER_ONLY if first_order else ())
@@ -61,18 +66,45 @@ def vmap_is_exact(model: nn.Module, first_order: bool) -> bool:
     return all(_module_is_verified(m, first_order) for m in model.modules())
 
 
+def require_vmap_exact(model: nn.Module, first_order: bool) -> None:
+    """Raises a :class:`ConfigError` naming the first layer of ``model`` whose vmap rule is not
+    verified for this derivative order (``batching="vmap"`` could return a wrong
+    meta-gradient through it).
+
+    Layers are the modules without submodules (where the kernels run); the own code of a
+    container (e.g. a model's ``forward`` chaining its layers) is trusted when vmap is forced."""
+    for name, module in model.named_modules():
+        if next(module.children(), None) is not None or type(module) in _VERIFIED_WHEN_FORCED \
+                or _module_is_verified(module, first_order):
+            continue
+        order = "first" if first_order else "second"
+        raise ConfigError(
+            f"batching='vmap' is not verified exact in {order} order for layer "
+            f"{name or '(the model itself)'!r} ({type(module).__name__}): vmap could return a "
+            "wrong meta-gradient through it; use batching='auto' (vmap only where verified, "
+            "otherwise a per-task loop) or batching='loop'. A custom module whose own forward "
+            "uses only ops that batch exactly may declare vmap_exact_forward = True")
+
+
 def use_vmap(batching: Batching, model: nn.Module, first_order: bool) -> bool:
-    """The batching decision: forced, or ``"auto"`` = exact and no convolutions (see above)."""
+    """The batching decision: forced (refused where not verified exact, see
+    :func:`require_vmap_exact`), or ``"auto"`` = exact and no convolutions."""
     if batching != "auto":
+        if batching == "vmap":
+            require_vmap_exact(model, first_order)
         return batching == "vmap"
     return vmap_is_exact(model, first_order) and not any(
         isinstance(m, _CONVOLUTIONS) for m in model.modules())
 
 
-def per_task(task_fn: Callable[..., T], tasks: tuple[Tensor, ...], batching: Batching,
+def per_task(task_fn: Callable[..., T], tasks: tuple[Inputs, ...], batching: Batching,
              model: nn.Module, first_order: bool) -> T:
-    """``stack([task_fn(*task_i) for task i])`` computed by vmap or by a loop (see module doc);
-    ``task_fn`` returns a tensor or a dict of tensors (stacked per key)."""
+    """``task_fn(*task_i)`` for every task i, stacked along a new leading dimension, computed by
+    vmap or by a loop (see module doc).
+
+    Each element of ``tasks`` has a leading task dimension (a tensor, or a tuple or dict of
+    tensors, :data:`~metagrad.core.taskbatch.Inputs`). ``task_fn`` returns a tensor or any
+    nesting of tuples and dicts of tensors (e.g. ``(gradients, loss)``), each stacked."""
     if use_vmap(batching, model, first_order):
         try:
             with batch_norm_as_tensor_ops(model):
@@ -80,7 +112,5 @@ def per_task(task_fn: Callable[..., T], tasks: tuple[Tensor, ...], batching: Bat
         except RuntimeError:
             if batching == "vmap":
                 raise
-    outputs = [task_fn(*task) for task in zip(*tasks, strict=True)]
-    if isinstance(outputs[0], dict):
-        return {k: torch.stack([o[k] for o in outputs]) for k in outputs[0]}  # type: ignore[return-value]
-    return torch.stack(outputs)  # type: ignore[arg-type]
+    outputs: list[Any] = [task_fn(*task) for task in task_slices(tasks)]
+    return pytree.tree_map(lambda *leaves: torch.stack(leaves), outputs[0], *outputs[1:])

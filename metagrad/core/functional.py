@@ -61,10 +61,6 @@ def batch_norm_uses_batch_statistics(model: nn.Module) -> Iterator[None]:
             module.track_running_stats = track
 
 
-def has_batch_norm(model: nn.Module) -> bool:
-    return any(isinstance(m, _BatchNorm) for m in model.modules())
-
-
 @contextlib.contextmanager
 def double_backward_kernels(enabled: bool) -> Iterator[None]:
     """Routes ``scaled_dot_product_attention`` to its composite (math) kernel, whose backward is

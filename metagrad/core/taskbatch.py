@@ -3,11 +3,15 @@
 Every task source (sinusoid regression, Omniglot / MiniImageNet episodes, a user's own data set)
 produces a :class:`TaskBatch`; every algorithm consumes one. Task ``i`` is
 ``(support_x[i], support_y[i], query_x[i], query_y[i])``.
+
+Inputs (``support_x``, ``query_x``) are :data:`Inputs`: one tensor, a tuple of tensors (passed to
+the model positionally, ``model(*x)``) or a dict of tensors (``model(**x)``), every tensor with
+the leading ``[tasks, examples, ...]`` dimensions. Targets are one tensor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,29 +23,96 @@ from metagrad.errors import ConfigError
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """``loss_fn(output, target) -> scalar`` (e.g. ``F.cross_entropy``, ``F.mse_loss``)."""
 
+Inputs = Tensor | tuple[Tensor, ...] | dict[str, Tensor]
+"""A model's input: a tensor, a tuple of tensors (``model(*x)``) or a dict (``model(**x)``)."""
+
+
+def named_leaves(x: Inputs, name: str) -> list[tuple[str, Tensor]]:
+    """The tensors of ``x`` with their names (``support_x``, ``support_x[1]``,
+    ``support_x['mask']``); a clear error for anything that is not :data:`Inputs`."""
+    if isinstance(x, Tensor):
+        return [(name, x)]
+    if isinstance(x, tuple):
+        leaves = [(f"{name}[{i}]", t) for i, t in enumerate(x)]
+    elif isinstance(x, dict):
+        leaves = [(f"{name}[{k!r}]", t) for k, t in x.items()]
+    else:
+        raise ConfigError(f"{name} must be a tensor, a tuple of tensors or a dict of tensors, "
+                          f"got {type(x).__name__}")
+    if not leaves:
+        raise ConfigError(f"{name} is an empty {type(x).__name__}; give the model at least one "
+                          "input tensor")
+    for leaf_name, t in leaves:
+        if not isinstance(t, Tensor):
+            raise ConfigError(f"{leaf_name} must be a tensor, got {type(t).__name__}")
+    return leaves
+
+
+def map_inputs(fn: Callable[..., Tensor], x: Inputs, *others: Inputs) -> Inputs:
+    """``fn`` applied to each tensor of ``x`` (with the tensors at the same place in ``others``,
+    which have the structure of ``x``), keeping the structure."""
+    if isinstance(x, Tensor):
+        return fn(x, *others)
+    if isinstance(x, tuple):
+        return tuple(fn(*ts) for ts in zip(x, *others, strict=True))
+    return {k: fn(t, *(o[k] for o in others)) for k, t in x.items()}  # type: ignore[index]
+
+
+def call_arguments(x: Inputs) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+    """``(args, kwargs)`` with which the model is called on ``x``."""
+    if isinstance(x, Tensor):
+        return (x,), {}
+    if isinstance(x, tuple):
+        return x, {}
+    if isinstance(x, dict):
+        return (), x
+    named_leaves(x, "input")  # raises the explanation
+    raise AssertionError  # pragma: no cover
+
+
+def num_tasks(x: Inputs) -> int:
+    """The leading (task) dimension of ``x``."""
+    return named_leaves(x, "input")[0][1].shape[0]
+
+
+def task_slices(tasks: tuple[Inputs, ...]) -> Iterator[tuple[Inputs, ...]]:
+    """``tasks`` (each with a leading task dimension) one task at a time, without that dimension."""
+    for i in range(num_tasks(tasks[0])):
+        yield tuple(map_inputs(lambda t, i=i: t[i], x) for x in tasks)
+
+
+def describe(x: Inputs) -> str:
+    """The shapes of ``x`` for error messages: ``(3, 5, 1)`` or ``{'image': (3, 5, 1, 28, 28)}``."""
+    if isinstance(x, Tensor):
+        return str(tuple(x.shape))
+    if isinstance(x, tuple):
+        return "(" + ", ".join(str(tuple(t.shape)) for t in x) + ")"
+    return "{" + ", ".join(f"{k!r}: {tuple(t.shape)}" for k, t in x.items()) + "}"
+
 
 @dataclass(frozen=True)
 class TaskBatch:
-    """``support_x``: ``[tasks, n_support, *x_shape]``; ``query_x``: ``[tasks, n_query, *x_shape]``;
-    targets likewise."""
+    """``support_x``: ``[tasks, n_support, *x_shape]``; ``query_x``: ``[tasks, n_query, *x_shape]``
+    (or a tuple or dict of such tensors, :data:`Inputs`); targets likewise (tensors)."""
 
-    support_x: Tensor
+    support_x: Inputs
     support_y: Tensor
-    query_x: Tensor
+    query_x: Inputs
     query_y: Tensor
 
     def __post_init__(self) -> None:
-        n = self.support_x.shape[0]
-        for name in ("support_y", "query_x", "query_y"):
-            if getattr(self, name).shape[0] != n:
-                raise ValueError(
-                    f"TaskBatch: {name} has {getattr(self, name).shape[0]} tasks but support_x "
-                    f"has {n}; every tensor needs the same leading task dimension"
-                )
+        n = num_tasks(self.support_x)
+        for field in ("support_x", "support_y", "query_x", "query_y"):
+            for name, t in named_leaves(getattr(self, field), field):
+                if not t.dim() or t.shape[0] != n:
+                    raise ValueError(
+                        f"TaskBatch: {name} has {t.shape[0] if t.dim() else 'no'} tasks but "
+                        f"support_x has {n}; every tensor needs the same leading task dimension"
+                    )
 
     @property
     def num_tasks(self) -> int:
-        return self.support_x.shape[0]
+        return num_tasks(self.support_x)
 
     def __len__(self) -> int:
         return self.num_tasks
@@ -50,9 +121,7 @@ class TaskBatch:
         """Tasks selected along the leading dimension (an int keeps a task dimension of 1)."""
         if isinstance(index, int):
             index = slice(index, index + 1)
-        return TaskBatch(
-            self.support_x[index], self.support_y[index], self.query_x[index], self.query_y[index]
-        )
+        return TaskBatch(*(map_inputs(lambda t: t[index], x) for x in self.tensors()))
 
     def to(self, device: torch.device | str | None = None,
            dtype: torch.dtype | None = None) -> TaskBatch:
@@ -61,9 +130,10 @@ class TaskBatch:
         def move(t: Tensor) -> Tensor:
             return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
-        return TaskBatch(*(move(t) for t in self.tensors()))
+        return TaskBatch(*(map_inputs(move, x) for x in self.tensors()))
 
-    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def tensors(self) -> tuple[Inputs, Tensor, Inputs, Tensor]:
+        """``(support_x, support_y, query_x, query_y)``, the arguments of ``meta_loss``."""
         return self.support_x, self.support_y, self.query_x, self.query_y
 
 
@@ -73,55 +143,86 @@ class TaskSampler(Protocol):
     def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch: ...
 
 
-def check_pair(x: Tensor, y: Tensor, which: str) -> None:
-    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-        raise ConfigError(f"{which} inputs and targets must be tensors")
-    if x.shape[:1] != y.shape[:1]:
-        raise ConfigError(
-            f"{which} set: {x.shape[0] if x.dim() else 'a scalar'} inputs but "
-            f"{y.shape[0] if y.dim() else 'a scalar'} targets; each input needs one target "
-            f"(inputs {tuple(x.shape)}, targets {tuple(y.shape)})"
-        )
+def check_pair(x: Inputs, y: Tensor, which: str) -> None:
+    """One task's inputs and targets: one target per example of every input tensor."""
+    if not isinstance(y, Tensor):
+        raise ConfigError(f"{which} targets must be a tensor, got {type(y).__name__}")
+    for name, t in named_leaves(x, f"{which} inputs"):
+        if t.shape[:1] != y.shape[:1]:
+            raise ConfigError(
+                f"{which} set: {t.shape[0] if t.dim() else 'a scalar'} inputs but "
+                f"{y.shape[0] if y.dim() else 'a scalar'} targets; each input needs one target "
+                f"({name} {tuple(t.shape)}, targets {tuple(y.shape)})"
+            )
 
 
-def check_task_batch(support_x: Tensor, support_y: Tensor, query_x: Tensor,
+def check_output(output: Tensor, target: Tensor) -> None:
+    """Refuses an output and a floating-point target of different shapes that broadcast together
+    (``[N, 1]`` against ``[N]`` broadcasts to ``[N, N]``): an element-wise loss would silently
+    compare every output with every target. Integer targets (class indices) are not checked."""
+    if not (isinstance(output, Tensor) and isinstance(target, Tensor)) or \
+            not target.is_floating_point() or output.shape == target.shape:
+        return
+    try:
+        shape = torch.broadcast_shapes(output.shape, target.shape)
+    except RuntimeError:
+        return  # the loss itself reports incompatible shapes
+    raise ConfigError(
+        f"the model's output {tuple(output.shape)} and the targets {tuple(target.shape)} differ "
+        f"in shape and would broadcast to {tuple(shape)} in the loss, comparing every output "
+        f"with every target; give the targets the output's shape (e.g. y.unsqueeze(-1) or "
+        f"y.view({', '.join(str(d) for d in output.shape)}))"
+    )
+
+
+def check_task_batch(support_x: Inputs, support_y: Tensor, query_x: Inputs,
                      query_y: Tensor) -> None:
     """Clear errors for the mistakes seen in practice: a missing task dimension, tasks that do not
-    line up, support and query examples of different shapes."""
-    tensors = {"support_x": support_x, "support_y": support_y, "query_x": query_x,
-               "query_y": query_y}
-    for name, t in tensors.items():
-        if not isinstance(t, Tensor):
-            raise ConfigError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dim() < 2:
-            raise ConfigError(
-                f"{name} has shape {tuple(t.shape)}: expected a leading task dimension and an "
-                "example dimension, [tasks, examples, ...]; for one task use adapt() or add "
-                "a task dimension with .unsqueeze(0)"
-            )
-    counts = {name: t.shape[0] for name, t in tensors.items()}
+    line up, support and query examples of different shapes or structures."""
+    fields = {"support_x": support_x, "support_y": support_y, "query_x": query_x,
+              "query_y": query_y}
+    leaves: dict[str, list[tuple[str, Tensor]]] = {}
+    for field, value in fields.items():
+        if field.endswith("_y") and not isinstance(value, Tensor):
+            raise ConfigError(f"{field} must be a tensor, got {type(value).__name__}")
+        leaves[field] = named_leaves(value, field)
+        for name, t in leaves[field]:
+            if t.dim() < 2:
+                raise ConfigError(
+                    f"{name} has shape {tuple(t.shape)}: expected a leading task dimension and an "
+                    "example dimension, [tasks, examples, ...]; for one task use adapt() or add "
+                    "a task dimension with .unsqueeze(0)"
+                )
+    counts = {name: t.shape[0] for field in leaves for name, t in leaves[field]}
     if min(counts.values()) == 0:
         raise ConfigError("the task batch is empty: " + ", ".join(
             f"{k} has {v} tasks" for k, v in counts.items()) + "; sample at least one task")
     if len(set(counts.values())) != 1:
         raise ConfigError(
             "mismatched task dimensions: " + ", ".join(f"{k} has {v}" for k, v in counts.items())
-            + " tasks; all four need the same leading task dimension"
+            + " tasks; all need the same leading task dimension"
         )
-    check_pair(support_x[0], support_y[0], "support")
-    check_pair(query_x[0], query_y[0], "query")
-    for name in ("support_x", "query_x"):
-        if tensors[name].shape[1] == 0:
-            raise ConfigError(f"{name} has no examples (shape {tuple(tensors[name].shape)}); "
-                              "each task needs at least one support and one query example")
-    if support_x.shape[2:] != query_x.shape[2:]:
-        raise ConfigError(
-            f"support and query examples differ in shape: support_x {tuple(support_x.shape)} vs "
-            f"query_x {tuple(query_x.shape)} (dimensions after [tasks, examples] must match)"
-        )
+    first = map_inputs(lambda t: t[0], support_x), map_inputs(lambda t: t[0], query_x)
+    check_pair(first[0], support_y[0], "support")
+    check_pair(first[1], query_y[0], "query")
+    for field in ("support_x", "query_x"):
+        for name, t in leaves[field]:
+            if t.shape[1] == 0:
+                raise ConfigError(f"{name} has no examples (shape {tuple(t.shape)}); "
+                                  "each task needs at least one support and one query example")
+    if type(support_x) is not type(query_x) or (
+            [n.removeprefix("support_x") for n, _ in leaves["support_x"]]
+            != [n.removeprefix("query_x") for n, _ in leaves["query_x"]]):
+        raise ConfigError(f"support_x and query_x differ in structure: {describe(support_x)} vs "
+                          f"{describe(query_x)}; give both the same inputs")
+    for (s_name, s), (q_name, q) in zip(leaves["support_x"], leaves["query_x"], strict=True):
+        if s.shape[2:] != q.shape[2:]:
+            raise ConfigError(
+                f"support and query examples differ in shape: {s_name} {tuple(s.shape)} vs "
+                f"{q_name} {tuple(q.shape)} (dimensions after [tasks, examples] must match)"
+            )
     if support_y.shape[2:] != query_y.shape[2:]:
         raise ConfigError(
             f"support and query targets differ in shape: support_y {tuple(support_y.shape)} vs "
             f"query_y {tuple(query_y.shape)}"
         )
-

@@ -13,6 +13,7 @@ TASKS: Registry = Registry("task", {
     "sinusoid": "metagrad.tasks.sinusoid:sinusoid_task",
     "omniglot": "metagrad.tasks.omniglot:omniglot_task",
     "miniimagenet": "metagrad.tasks.miniimagenet:miniimagenet_task",
+    "folder": "metagrad.tasks.fewshot:folder_task",
 })
 
 __all__ = ["TASKS", "SinusoidTasks", "TaskBatch", "TaskSampler", "TaskSetup", "task"]

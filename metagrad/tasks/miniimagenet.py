@@ -20,7 +20,7 @@ import logging
 import os
 import pickle
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,14 +30,22 @@ from PIL import Image
 from torch import Tensor
 
 from metagrad.errors import ConfigError, DataError
+from metagrad.models.conv import Conv4, miniimagenet_conv
+from metagrad.tasks.base import TaskSetup, task
 from metagrad.tasks.episodes import (
     DATA_ENV,
-    EpisodeSampler,
     cache_dir,
     data_dir_candidates,
     load_cached,
     save_atomic,
     source_key,
+)
+from metagrad.tasks.fewshot import (
+    CLASSIFICATION_RUN,
+    ClassTensor,
+    FewShotTasks,
+    classification_setup,
+    require_int,
 )
 
 log = logging.getLogger(__name__)
@@ -96,14 +104,65 @@ def load_miniimagenet(split: SplitName = "train", root: str | os.PathLike[str] |
                     "(or to its parent containing miniimagenet/)")
 
 
-class MiniImageNetEpisodes(EpisodeSampler):
+class MiniImageNetEpisodes(FewShotTasks):
     """N-way K-shot episodes of one split: ``support_x`` float32 ``[T, ways*shots, 3, H, W]`` in
     [0, 1], labels int64 in ``0..ways-1`` (MAML §5.2 uses 5-way, 1/5 shots, 15 queries)."""
 
     def __init__(self, data: MiniImageNetData, ways: int = 5, shots: int = 1,
-                 queries: int = 15) -> None:
-        super().__init__(data.images, ways, shots, queries, counts=data.counts,
-                         name=f"MiniImageNet ({len(data)} classes)")
+                 queries: int = 15, *, device: torch.device | str | None = None,
+                 split: str | None = None) -> None:
+        part = f" {split} split" if split else ""
+        super().__init__(ClassTensor(data.images, data.counts), ways, shots, queries,
+                         device=device, name=f"MiniImageNet{part} ({len(data)} classes)")
+
+
+# --- the ``miniimagenet`` task ------------------------------------------------------------------
+
+@dataclass
+class MiniImageNetOptions:
+    """Settings of the ``miniimagenet`` task (``config.task_options``)."""
+
+    ways: int = field(default=5, metadata={"help": "classes per task (5 in the paper)"})
+    data: str | None = field(default=None, metadata={
+        "help": f"folder with the MiniImageNet pickles or images/ and CSVs (default: "
+                f"${DATA_ENV})"})
+
+    def __post_init__(self) -> None:
+        require_int("ways", self.ways, 2)
+
+
+# MAML §5.2 and appendix A.1.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(CLASSIFICATION_RUN, ways=5, shots=1, queries=15, inner_lr=0.01,
+                  inner_steps=5, meta_batch=4, eval_steps=10),
+    "paper-5shot": dict(CLASSIFICATION_RUN, ways=5, shots=5, queries=15, inner_lr=0.01,
+                        inner_steps=5, meta_batch=2, eval_steps=10),
+}
+
+
+def _default_preset(overrides: dict[str, Any]) -> str:
+    """The paper's 5-shot settings when ``shots >= 5`` is asked for, else its 1-shot ones."""
+    return "paper-5shot" if int(overrides.get("shots", 1)) >= 5 else "paper"
+
+
+@task(options=MiniImageNetOptions, presets=PRESETS, default_preset=_default_preset)
+def miniimagenet_task(config: Any) -> TaskSetup:
+    """MiniImageNet episodes (MAML §5.2) with the Ravi & Larochelle split: ``config.shots`` and
+    ``config.queries`` per class for meta-training, ``config.eval_queries`` (else ``queries``)
+    queries held out. All three splits are loaded here, so that settings the data cannot
+    satisfy are refused before training."""
+    opts: MiniImageNetOptions = config.task_options
+    eval_queries = config.eval_queries or config.queries
+    episodes = {s: MiniImageNetEpisodes(load_miniimagenet(s, opts.data), opts.ways, config.shots,
+                                        config.queries if s == "train" else eval_queries,
+                                        device=config.device, split=s)
+                for s in ("train", "val", "test")}
+
+    def make_model() -> Conv4:
+        size = episodes["train"].images.shape[-1]
+        return miniimagenet_conv(opts.ways, size)
+
+    return classification_setup(episodes, make_model)
 
 
 def _class_tensor(groups: list[np.ndarray]) -> tuple[Tensor, Tensor]:

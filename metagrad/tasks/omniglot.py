@@ -26,24 +26,34 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
 from metagrad.errors import ConfigError, DataError
+from metagrad.models.conv import omniglot_conv
+from metagrad.models.mlp import omniglot_mlp
+from metagrad.tasks.base import TaskSetup, task
 from metagrad.tasks.episodes import (
     DATA_ENV,
-    EpisodeSampler,
     cache_dir,
     data_dir_candidates,
     load_cached,
     save_atomic,
     source_key,
+)
+from metagrad.tasks.fewshot import (
+    CLASSIFICATION_RUN,
+    ClassTensor,
+    FewShotTasks,
+    classification_setup,
+    require_choice,
+    require_int,
 )
 
 log = logging.getLogger(__name__)
@@ -301,7 +311,7 @@ def _ids(t: Tensor) -> tuple[int, ...]:
     return tuple(sorted(t.tolist()))
 
 
-class OmniglotEpisodes(EpisodeSampler):
+class OmniglotEpisodes(FewShotTasks):
     """N-way K-shot episodes from one Omniglot split: ``support_x`` float32
     ``[T, ways*shots, 1, S, S]`` in [0, 1] with ink = 1, labels int64 in ``0..ways-1``.
 
@@ -313,7 +323,8 @@ class OmniglotEpisodes(EpisodeSampler):
 
     def __init__(self, data: OmniglotData, split: SplitName = "train", ways: int = 5,
                  shots: int = 1, queries: int = 15, rotations: bool = True,
-                 splits: OmniglotSplits | None = None) -> None:
+                 splits: OmniglotSplits | None = None, *,
+                 device: torch.device | str | None = None) -> None:
         splits = splits if splits is not None else OmniglotSplits.create()
         ids = torch.tensor(splits.ids(split), dtype=torch.int64)
         images = data.images[ids - 1]  # [characters, 20, S, S]
@@ -327,4 +338,70 @@ class OmniglotEpisodes(EpisodeSampler):
             self.class_rotations = torch.zeros_like(ids)
         self.split = split
         name = f"Omniglot {split} split ({len(ids)} characters{' x 4 rotations' * rotations})"
-        super().__init__(images.unsqueeze(2), ways, shots, queries, name=name)
+        super().__init__(ClassTensor(images.unsqueeze(2)), ways, shots, queries, device=device,
+                         name=name)
+
+
+# --- the ``omniglot`` task ----------------------------------------------------------------------
+
+@dataclass
+class OmniglotOptions:
+    """Settings of the ``omniglot`` task (``config.task_options``)."""
+
+    ways: int = field(default=5, metadata={"help": "classes per task (5 or 20 in the paper)"})
+    data: str | None = field(default=None, metadata={
+        "help": f"folder with the two Omniglot zips (default: ${DATA_ENV})"})
+    split: str = field(default="paper", metadata={
+        "help": "paper: 1200 random characters for training, 423 for test; background: "
+                "background alphabets vs evaluation alphabets"})
+    rotations: bool = field(default=True, metadata={
+        "help": "each character at 0, 90, 180 and 270 degrees is its own class"})
+    model: str = field(default="conv", metadata={
+        "help": "conv: the paper's 4-layer convolutional net; mlp: its 256-128-64-64 MLP"})
+
+    def __post_init__(self) -> None:
+        require_int("ways", self.ways, 2)
+        require_choice("split", self.split, ("paper", "background"))
+        require_choice("rotations", self.rotations, (True, False))
+        require_choice("model", self.model, ("conv", "mlp"))
+
+
+# MAML §5.2 and appendix A.1. No ``queries``: they default to ``shots`` (see omniglot_task).
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(CLASSIFICATION_RUN, ways=5, shots=1, inner_lr=0.4, inner_steps=1,
+                  meta_batch=32, eval_steps=3),
+    "paper-20way": dict(CLASSIFICATION_RUN, ways=20, shots=1, inner_lr=0.1, inner_steps=5,
+                        meta_batch=16, eval_steps=5),
+}
+
+
+def _default_preset(overrides: dict[str, Any]) -> str:
+    """The paper's 20-way settings when ``ways >= 20`` is asked for, else its 5-way ones."""
+    return "paper-20way" if int(overrides.get("ways", 5)) >= 20 else "paper"
+
+
+@task(options=OmniglotOptions, presets=PRESETS, default_preset=_default_preset)
+def omniglot_task(config: Any) -> TaskSetup:
+    """Omniglot episodes (MAML §5.2) of the character split ``split`` seeded by
+    ``config.seed``. Meta-training episodes have ``config.shots`` support and
+    ``config.queries`` query drawings per class, ``shots`` when ``queries`` is ``None`` (the
+    reference code's K query drawings); held-out ones ``config.eval_queries`` (else the same).
+    All three splits are built here, so that settings the data cannot satisfy are refused
+    before training. Artifact ``split.json``: the character IDs of each split."""
+    opts: OmniglotOptions = config.task_options
+    data = load_omniglot(opts.data)
+    splits = OmniglotSplits.create(opts.split, seed=config.seed)  # type: ignore[arg-type]
+    queries = config.shots if config.queries is None else config.queries
+    eval_queries = config.eval_queries or queries
+    episodes = {s: OmniglotEpisodes(data, s, opts.ways, config.shots,
+                                    queries if s == "train" else eval_queries, opts.rotations,
+                                    splits, device=config.device)
+                for s in ("train", "val", "test")}
+    size = data.images.shape[-1]
+
+    def make_model() -> nn.Module:
+        if opts.model == "mlp":
+            return omniglot_mlp(opts.ways, size)
+        return omniglot_conv(opts.ways, size)
+
+    return classification_setup(episodes, make_model, {"split.json": splits.to_dict()})

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from metagrad.core.taskbatch import TaskBatch
 from metagrad.errors import ConfigError
+from metagrad.models.mlp import sinusoid_mlp
+from metagrad.tasks.base import TaskSetup, task
 
 
 @dataclass(frozen=True)
@@ -53,3 +57,44 @@ def _uniform(bounds: tuple[float, float], shape: tuple[int, ...],
              generator: torch.Generator) -> Tensor:
     low, high = bounds
     return torch.rand(shape, generator=generator) * (high - low) + low
+
+
+# --- the ``sinusoid`` task ----------------------------------------------------------------------
+
+_RUN: dict[str, Any] = dict(shots=10, queries=10, inner_lr=0.01, inner_steps=1, meta_batch=25,
+                            meta_lr=1e-3, eval_steps=10, eval_shots=[5, 10], eval_queries=100)
+
+# MAML §5.1 (70,000 iterations) and a short run with the same settings.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(_RUN, iterations=70000),
+    "quick": dict(_RUN, iterations=4000, val_every=500, checkpoint_every=500),
+}
+
+
+def _default_preset(overrides: dict[str, Any]) -> str:
+    return "paper"
+
+
+@task(presets=PRESETS, default_preset=_default_preset)
+def sinusoid_task(config: Any) -> TaskSetup:
+    """Sinusoid regression (MAML §5.1): ``config.shots`` support and ``config.queries`` query
+    points per task for meta-training, ``config.eval_queries`` (else ``queries``) held out; the
+    paper's 40-40 MLP; metric ``"mse"``. ``plots`` draws, for each number of shots, the
+    predictions after 0, 1 and ``steps`` steps on the same two test functions (MAML Fig. 2)."""
+    eval_queries = config.eval_queries or config.queries
+
+    def held_out(split: str, shots: int) -> SinusoidTasks:
+        return SinusoidTasks(shots, eval_queries)
+
+    def plots(learners: dict[str, nn.Module], run_dir: Path, shots: list[int], steps: int,
+              generator: torch.Generator) -> list[Path]:
+        from metagrad.training.plots import plot_sinusoid_predictions  # matplotlib: on demand
+
+        state = generator.get_state()
+        return [plot_sinusoid_predictions(learners, k, run_dir / f"sinusoid_predictions_K{k}.png",
+                                          torch.Generator().set_state(state),
+                                          steps=tuple(sorted({0, 1, steps})))
+                for k in shots]
+
+    return TaskSetup(SinusoidTasks(config.shots, config.queries), held_out, "mse", sinusoid_mlp,
+                     plots=plots)

@@ -8,48 +8,67 @@ from pathlib import Path
 
 import torch
 
+from metagrad.distributed import resolve_device
+from metagrad.errors import CheckpointError, ConfigError
 from metagrad.training import checkpoint as ckpt
-from metagrad.training.evaluation import EvalRow, per_step_metrics, rows_from_curves
-from metagrad.training.experiment import build
-from metagrad.training.loop import TEST_SEED_OFFSET, read_config
-from metagrad.training.plots import plot_metric_vs_steps, plot_sinusoid_predictions
+from metagrad.training.evaluation import EvalRow, evaluation_curves, rows_from_curves
+from metagrad.training.experiment import PRETRAINED, build
+from metagrad.training.loop import read_config
+from metagrad.training.plots import plot_metric_vs_steps
+from metagrad.training.run import TEST_SEED_OFFSET
 
 
 def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | None = None,
-                 shots: list[int] | None = None, which: str = "last",
-                 scratch: bool = True) -> tuple[list[EvalRow], list[Path]]:
-    """Evaluates the ``which`` (``"last"`` or ``"best"``) checkpoint of a run on test tasks."""
+                 shots: list[int] | None = None, which: str = "best", scratch: bool = True,
+                 out: str | Path | None = None, device: str | None = None
+                 ) -> tuple[list[EvalRow], list[Path]]:
+    """Evaluates the ``which`` (``"best"``: validation-selected, or ``"last"``) checkpoint of a
+    supervised run on ``tasks`` test tasks (default ``eval_tasks``) after 0..``steps`` steps,
+    beside the baselines, and writes ``eval.json`` and the figures into ``out`` (default: the
+    run directory). Every method sees the same test tasks."""
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
-    exp = build(cfg)
+    if not hasattr(cfg, "algo"):
+        raise ConfigError(f"{run_dir} is a meta-RL run; evaluate it with `metagrad eval` "
+                          "(which detects it) or metagrad.training.rl.evaluate_rl_run")
+    for name, value in (("tasks", tasks), ("steps", steps)):
+        if value is not None and (not isinstance(value, int) or value < (name == "tasks")):
+            raise ConfigError(f"--{name} must be an integer >= {int(name == 'tasks')}, "
+                              f"got {value!r}")
+    if shots is not None and (not shots or any(k < 1 for k in shots)):
+        raise ConfigError(f"--shots must list positive integers, got {shots}")
+    exp = build(cfg, resolve_device(device or cfg.device))
     path, state = ckpt.CheckpointDir(run_dir / "checkpoints").read(which)
-    for name, learner in exp.learners.items():
-        learner.load_state_dict(state["learners"][name])
+    try:
+        for name, learner in exp.learners.items():
+            learner.load_state_dict(state["learners"][name])
+    except (KeyError, RuntimeError, TypeError) as exc:
+        raise CheckpointError(f"{path} does not hold this run's learners ({exc}); it belongs "
+                              "to another task, algorithm or model") from None
     learners = dict(exp.learners)
     if scratch:
         learners["scratch"] = exp.scratch_learner()
     tasks = tasks or cfg.eval_tasks
     steps = cfg.eval_steps if steps is None else steps
-    shots = shots or (cfg.eval_shots if cfg.task == "sinusoid" else [cfg.shots])
+    setup = exp.setup
+    shots = shots or (cfg.eval_shots if setup.classes is None else [cfg.shots])
     rows: list[EvalRow] = []
     for k in shots:
         for name, learner in learners.items():
-            # every method sees the same test tasks
             gen = torch.Generator().manual_seed(cfg.seed + TEST_SEED_OFFSET + k)
-            curves = per_step_metrics(learner, exp.tasks_for("test", k), tasks, steps,
-                                      exp.metric, gen)
-            rows += rows_from_curves(curves, name, k, "test", exp.ways)
-    (run_dir / "eval.json").write_text(json.dumps(
-        {"metric": exp.metric, "checkpoint": path.name, "iteration": state["iteration"],
+            curves = evaluation_curves(learner, setup.held_out("test", k), tasks, steps,
+                                       setup.metric, gen, exp.device)
+            rows += rows_from_curves(curves, name, k, "test", setup.classes)
+    out = run_dir if out is None else Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(
+        {"metric": setup.metric, "checkpoint": path.name, "iteration": state["iteration"],
          "results": [r.to_dict() for r in rows]}, indent=1))
-    figures = [plot_metric_vs_steps(rows, exp.metric, run_dir / f"{exp.metric}_vs_steps.png")]
-    if cfg.task == "sinusoid":
-        shown = {n: exp.learners[n] for n in (cfg.algo, "pretrained") if n in exp.learners}
-        for k in shots:
-            gen = torch.Generator().manual_seed(cfg.seed + TEST_SEED_OFFSET)
-            figures.append(plot_sinusoid_predictions(
-                shown, k, run_dir / f"sinusoid_predictions_K{k}.png", gen,
-                steps=tuple(sorted({0, 1, steps}))))
+    figures = [plot_metric_vs_steps(rows, setup.metric, out / f"{setup.metric}_vs_steps.png")]
+    if setup.plots is not None:
+        shown = {n: exp.learners[n] for n in (cfg.algo, PRETRAINED) if n in exp.learners}
+        gen = torch.Generator().manual_seed(cfg.seed + TEST_SEED_OFFSET)
+        figures += setup.plots(shown, out, shots, steps, gen)
     return rows, figures
 
 

@@ -1,7 +1,6 @@
-"""Meta-RL runs: train MAML-RL (and the "pretrained" baseline) into a run directory, resume it,
-evaluate it on held-out tasks — the same conventions as the supervised loop
-(:mod:`metagrad.training.loop`): ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``,
-``eval.json`` and figures.
+"""Meta-RL runs: MAML-RL (and the "pretrained" baseline) as a job of the one training loop
+(:mod:`metagrad.training.run`), validation on held-out tasks, and evaluation of a run directory
+(``eval.json`` and figures).
 
 In ``eval.json`` a row's ``shots`` is the number of rollouts per task and adaptation step (the
 RL counterpart of K examples per class) and ``metric`` is ``"return"`` (undiscounted, per episode,
@@ -13,31 +12,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO, get_type_hints
+from typing import Any, get_type_hints
 
 import torch
-import yaml
-from tqdm import tqdm
 
 from metagrad.distributed import Distributed
-from metagrad.errors import CheckpointError, ConfigError
+from metagrad.errors import CheckpointError
 from metagrad.rl.envs import canonical_env_name
 from metagrad.rl.maml_rl import MAMLRL, RLConfig
 from metagrad.training import checkpoint as ckpt
 from metagrad.training.evaluation import EvalRow, rows_from_curves
-from metagrad.training.loop import (
-    TEST_SEED_OFFSET,
-    VAL_SEED_OFFSET,
-    diverged,
-    stop_on_signals,
-)
 from metagrad.training.plots import plot_metric_vs_steps
 from metagrad.training.report import format_table
 from metagrad.training.rl_plots import plot_navigation_trajectories
+from metagrad.training.run import TEST_SEED_OFFSET, VAL_SEED_OFFSET, RunDirectory, diverged
 
 RL_FIELDS: dict[str, Any] = get_type_hints(RLConfig)
 """Every RL setting and its type (for command-line flags; values are read by
@@ -65,31 +54,16 @@ def resolve_rl(settings: dict[str, Any]) -> RLConfig:
     (:data:`ENV_DEFAULTS`), then ``settings`` (strings are read as the fields' types)."""
     values = {k: RLConfig.coerce(k, v) for k, v in settings.items()}
     env = canonical_env_name(values.setdefault("env", "navigation2d"))
-    return RLConfig(**{**ENV_DEFAULTS[env], **values})
+    return RLConfig(**{**ENV_DEFAULTS.get(env, {}), **values})
 
 
-def write_rl_config(cfg: RLConfig, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def rl_config_from_dict(values: dict[str, Any]) -> RLConfig:
+    """The meta-RL config stored in a run directory or a checkpoint."""
+    return RLConfig.from_dict(values)
 
 
-def is_rl_run(run_dir: str | Path) -> bool:
-    """Whether ``run_dir`` holds a meta-RL run (its ``config.yaml`` names an ``env``)."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        return False
-    data = yaml.safe_load(path.read_text())
-    return isinstance(data, dict) and "env" in data
-
-
-def read_rl_config(run_dir: Path) -> RLConfig:
-    if not is_rl_run(run_dir):
-        raise ConfigError(f"{run_dir} is not a meta-RL run directory (no config.yaml with an "
-                          "env); pass the directory given to `metagrad train rl --out`")
-    return RLConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-
-
-def make_learners(cfg: RLConfig, distributed: Distributed | None = None) -> dict[str, MAMLRL]:
+def make_learners(cfg: RLConfig, distributed: Distributed | None = None,
+                  device: torch.device | str = "cpu") -> dict[str, MAMLRL]:
     """The configured method and, with ``baseline`` (and method maml), the pretrained policy."""
     learners = {METHOD_NAMES[cfg.method]: MAMLRL(cfg, distributed=distributed)}
     if cfg.baseline and cfg.method == "maml":
@@ -98,70 +72,37 @@ def make_learners(cfg: RLConfig, distributed: Distributed | None = None) -> dict
     return learners
 
 
-@contextmanager
-def _mismatch_is_checkpoint_error() -> Iterator[None]:
-    try:
-        yield
-    except (KeyError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(
-            f"the checkpoint does not match this run's configuration ({exc})"
-        ) from None
-
-
 def load_learners(learners: dict[str, MAMLRL], state: dict[str, Any]) -> None:
     """Each learner's weights and sampling state from a checkpoint's ``state``."""
-    with _mismatch_is_checkpoint_error():
+    try:
         for name, learner in learners.items():
             learner.load_state_dict(state["learners"][name])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(
+            f"the checkpoint does not match this run's configuration ({exc})") from None
 
 
-class RLTrainer:
-    """Meta-trains every learner on the same task batches (drawn by the first learner's
-    generator, so MAML's run does not depend on whether the baseline is trained).
+class RLJob:
+    """Meta-RL training as a :class:`~metagrad.training.run.Job`: every learner meta-trains on
+    the same task batches (drawn by the first learner's generator, so MAML's run does not
+    depend on whether the baseline is trained); validation scores the first learner.
 
     Under ``torchrun`` every process trains its share of each task batch
-    (:meth:`MAMLRL.meta_step`); rank 0 alone logs and writes checkpoints, after checking that
-    every process holds the same parameters."""
+    (:meth:`MAMLRL.meta_step`)."""
 
-    def __init__(self, cfg: RLConfig, run_dir: Path) -> None:
-        self.config = cfg
-        self.run_dir = run_dir
-        self.dist = Distributed.from_environment()
-        self.learners = make_learners(cfg, self.dist)
-        self.iteration = 0
-        self.best: float | None = None
-        """Best validation return (:meth:`validate`) of the first learner."""
-        self.checkpoints = ckpt.CheckpointDir(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
-        self._stop_signal: int | None = None
-        self.stopped = False
+    higher_is_better = True
 
-    def state(self) -> dict[str, Any]:
-        return {
-            "iteration": self.iteration,
-            "best": self.best,
-            "best_metric": "validation_return",
-            "config": self.config.to_dict(),
-            "learners": {n: learner.state_dict() for n, learner in self.learners.items()},
-            "rng": ckpt.rng_state(),
-        }
+    def __init__(self, cfg: RLConfig, directory: RunDirectory, dist: Distributed,
+                 device: torch.device | str = "cpu") -> None:
+        self.settings = cfg
+        self.directory = directory
+        self.dist = dist
+        self.learners = make_learners(cfg, dist, device)
+        self.description = f"{cfg.env}/{cfg.method}"
+        self.validation_key = f"{next(iter(self.learners))}/val_return"
+        self.artifacts: dict[str, Any] = {}
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        load_learners(self.learners, state)
-        with _mismatch_is_checkpoint_error():
-            ckpt.restore_rng_state(state["rng"])
-            self.iteration = int(state["iteration"])
-            # runs saved before validation existed kept the best training return: start afresh
-            validated = state.get("best_metric") == "validation_return"
-            self.best = state["best"] if validated else None
-
-    def resume(self) -> bool:
-        state = self.checkpoints.latest_state()
-        if state is not None:
-            self.load_state(state)
-        return state is not None
-
-    def step(self) -> dict[str, float]:
-        """One meta-iteration of every learner: ``{"<learner>/<metric>": value}``."""
+    def step(self, iteration: int) -> dict[str, float]:
         first, *_ = self.learners.values()
         tasks = first.sample_tasks()
         record = {}
@@ -170,68 +111,27 @@ class RLTrainer:
             metrics.pop("iteration")
             for key, value in metrics.items():
                 if not math.isfinite(value):
-                    raise diverged(f"{name}'s {key} became {value}", self.iteration + 1,
-                                   self.checkpoints.directory, "Lower max_kl or inner_lr.")
+                    raise diverged(f"{name}'s {key} became {value}", iteration,
+                                   self.directory.checkpoints.directory,
+                                   "Lower max_kl or inner_lr.")
                 record[f"{name}/{key}"] = value
-        self.iteration += 1
         return record
 
     def validate(self) -> float:
         """:func:`validation_return` of the first learner."""
         return validation_return(next(iter(self.learners.values())))
 
-    def train(self, progress: bool = True) -> None:
-        cfg = self.config
-        main = self.dist.is_main
-        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not (progress and main),
-                   dynamic_ncols=True, desc=f"{cfg.env}/{cfg.method}")
-        started = time.perf_counter()
-        log = (self.run_dir / "metrics.jsonl").open("a") if main else None
-        with stop_on_signals(self), bar:
-            while self.iteration < cfg.iterations:
-                record = self.step()
-                bar.update(1)
-                self._log_validate_checkpoint(record, log, bar, started)
-                if self.dist.any(self._stop_signal is not None):
-                    self._save()
-                    bar.write(f"stopped by a signal at iteration {self.iteration}; "
-                              "continue with --resume")
-                    self.stopped = True
-                    break
-        if log is not None:
-            log.close()
+    def state_dict(self) -> dict[str, Any]:
+        return {"learners": {n: learner.state_dict() for n, learner in self.learners.items()},
+                "rng": ckpt.rng_state()}
 
-    def _save(self, best: bool = False) -> None:
-        """A checkpoint by rank 0, once every rank is known to hold the same parameters."""
-        weights = torch.cat([p.detach().reshape(-1) for learner in self.learners.values()
-                             for p in learner.policy.parameters()])
-        if not self.dist.in_sync(weights):
-            raise diverged("the processes' parameters differ", self.iteration,
-                           self.checkpoints.directory)
-        if self.dist.is_main:
-            self.checkpoints.save(self.state(), self.iteration, best=best)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_learners(self.learners, state)
+        ckpt.restore_rng_state(state["rng"])
 
-    def _log_validate_checkpoint(self, record: dict[str, float], log: TextIO | None, bar: tqdm,
-                                 started: float) -> None:
-        """Validation (rank 0 only) every ``val_every`` iterations, a checkpoint then and every
-        ``checkpoint_every`` iterations, a ``metrics.jsonl`` line every ``log_every``."""
-        cfg = self.config
-        validated = self.iteration % cfg.val_every == 0 or self.iteration == cfg.iterations
-        best = False
-        if self.dist.is_main and validated:
-            value = self.validate()
-            record[f"{next(iter(self.learners))}/val_return"] = value
-            best = self.best is None or value > self.best
-            if best:
-                self.best = value
-        if log is not None and (self.iteration % cfg.log_every == 0 or validated):
-            log.write(json.dumps({"iteration": self.iteration,
-                                  "seconds": round(time.perf_counter() - started, 3),
-                                  **record}) + "\n")
-            log.flush()
-            bar.set_postfix({k: round(v, 2) for k, v in record.items() if k.endswith("return")})
-        if validated or self.iteration % cfg.checkpoint_every == 0:
-            self._save(best=best)
+    def synchronised_parameters(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for learner in self.learners.values()
+                          for p in learner.policy.parameters()])
 
 
 def validation_return(learner: MAMLRL) -> float:
@@ -266,47 +166,19 @@ def tune_fine_tuning(learner: MAMLRL) -> MAMLRL:
     return max(candidates, key=lambda c: c[:2])[2]
 
 
-def train_rl(cfg: RLConfig | None, run_dir: str | Path, resume: bool = False,
-             iterations: int | None = None, progress: bool = True,
-             threads: int | None = None) -> RLTrainer:
-    """Trains ``cfg`` in ``run_dir``; or, with ``resume``, continues the run saved there with the
-    settings it started with (``iterations`` may extend it, ``threads`` change). A resumed run
-    continues bit-identically to one never interrupted."""
-    run_dir = Path(run_dir)
-    checkpoints = run_dir / "checkpoints"
-    if resume:
-        cfg = read_rl_config(run_dir)
-        changes = {k: v for k, v in (("iterations", iterations), ("threads", threads)) if v}
-        cfg = dataclasses.replace(cfg, **changes)
-    elif checkpoints.is_dir() and any(checkpoints.iterdir()):
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or "
-                          "choose another --out")
-    elif cfg is None:
-        raise ConfigError("train_rl needs a config unless it resumes a run")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    trainer = RLTrainer(cfg, run_dir)
-    if trainer.dist.is_main:
-        write_rl_config(cfg, run_dir)
-    if resume and not trainer.resume():
-        raise CheckpointError(f"nothing to resume: {checkpoints} holds no checkpoint")
-    trainer.train(progress=progress)
-    trainer.dist.barrier()
-    return trainer
-
-
 def evaluate_rl_run(run_dir: str | Path, tasks: int | None = None, steps: int | None = None,
-                    rollouts: int | None = None, which: str = "last"
-                    ) -> tuple[list[EvalRow], list[Path]]:
+                    rollouts: int | None = None, which: str = "best",
+                    out: str | Path | None = None) -> tuple[list[EvalRow], list[Path]]:
     """The return after 0..``steps`` adaptation steps on held-out tasks (drawn from a fixed test
     seed: runs with different training seeds meet the same tasks; mean ± 95% CI over tasks) of
     the ``which`` (``"last"`` or ``"best"``) checkpoint's policies and of a fresh initialisation
     (``random``). The trained method adapts with its own α; the baselines (``pretrained``,
     ``random``) with the step sizes of :func:`tune_fine_tuning`, recorded in ``eval.json``'s
-    ``step_sizes``. Writes ``eval.json``, ``return_vs_steps.png`` and, for navigation2d,
+    ``step_sizes``. Writes into ``out`` (default: the run directory) ``eval.json``,
+    ``return_vs_steps.png`` and, for navigation2d,
     ``trajectories.png``."""
     run_dir = Path(run_dir)
-    cfg = read_rl_config(run_dir)
+    cfg = rl_config_from_dict(RunDirectory(run_dir).read_config())
     path, state = ckpt.CheckpointDir(run_dir / "checkpoints").read(which)
     methods = make_learners(cfg)
     load_learners(methods, state)
@@ -322,29 +194,33 @@ def evaluate_rl_run(run_dir: str | Path, tasks: int | None = None, steps: int | 
     for name, learner in methods.items():  # every method sees the same tasks and noise seed
         curves = learner.task_returns(test_tasks, steps, rollouts, seed + 1)
         rows += rows_from_curves(curves, name, rollouts, "test")
-    (run_dir / "eval.json").write_text(json.dumps(
+    out = run_dir if out is None else Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(
         {"metric": "return", "checkpoint": path.name, "iteration": state["iteration"],
          "step_sizes": {n: [float(f"{lr:.6g}") for lr in (m.config.inner_lr,
                                                             m.config.eval_inner_lr)]
                         for n, m in methods.items()},
          "results": [r.to_dict() for r in rows]}, indent=1))
-    figures = [plot_metric_vs_steps(rows, "return", run_dir / "return_vs_steps.png")]
+    figures = [plot_metric_vs_steps(rows, "return", out / "return_vs_steps.png")]
     if canonical_env_name(cfg.env) == "navigation2d":
         figures.append(plot_navigation_trajectories(
-            methods, test_tasks[:3], steps, rollouts, seed + 1, run_dir / "trajectories.png"))
+            methods, test_tasks[:3], steps, rollouts, seed + 1, out / "trajectories.png"))
     return rows, figures
 
 
-def print_rl_eval(run_dir: str | Path, **kwargs: Any) -> None:
+def print_rl_eval(run_dir: str | Path, out: str | Path | None = None, **kwargs: Any) -> None:
     """:func:`evaluate_rl_run` (``kwargs`` go to it), then the table and the files written."""
     run_dir = Path(run_dir)
-    rows, figures = evaluate_rl_run(run_dir, **kwargs)
-    print(f"\nreturn (mean ± 95% CI over {rows[0].tasks} test tasks; shots = rollouts per task "
-          "and step) after N adaptation steps:")
+    out = run_dir if out is None else Path(out)
+    rows, figures = evaluate_rl_run(run_dir, out=out, **kwargs)
+    data = json.loads((out / "eval.json").read_text())
+    print(f"\nevaluating the {kwargs.get('which', 'best')} checkpoint (iteration "
+          f"{data['iteration']}): return (mean ± 95% CI over {rows[0].tasks} test tasks; shots = "
+          "rollouts per task and step) after N adaptation steps:")
     print(format_table(rows, "return"))
-    sizes = json.loads((run_dir / "eval.json").read_text())["step_sizes"]
     print("step sizes (first step, later steps; the baselines' chosen on validation tasks): "
-          + ", ".join(f"{name} {a:g}, {b:g}" for name, (a, b) in sizes.items()))
-    print(f"\nwrote {run_dir / 'eval.json'}")
+          + ", ".join(f"{name} {a:g}, {b:g}" for name, (a, b) in data["step_sizes"].items()))
+    print(f"\nwrote {out / 'eval.json'}")
     for f in figures:
         print(f"figure: {f}")

@@ -15,7 +15,7 @@ from metagrad.models.mlp import sinusoid_mlp
 from metagrad.tasks.episodes import EpisodeSampler
 from metagrad.tasks.sinusoid import SinusoidTasks
 from metagrad.training import checkpoint as ckpt
-from metagrad.training.evaluation import per_step_metrics
+from metagrad.training.evaluation import evaluation_curves
 from metagrad.training.loop import train
 
 DT = torch.float64
@@ -119,7 +119,7 @@ def test_short_training_on_sinusoid_beats_the_zero_predictor_clearly():
     test = SinusoidTasks(10, 50)
 
     def test_mse():
-        curves = per_step_metrics(bb, test, 200, 10, "mse", torch.Generator().manual_seed(5))
+        curves = evaluation_curves(bb, test, 200, 10, "mse", torch.Generator().manual_seed(5))
         assert curves.shape == (200, 1)  # no gradient steps: one column, at 0 steps
         return curves.mean().item()
 
@@ -147,7 +147,7 @@ def test_short_training_on_synthetic_five_way_gets_far_above_chance():
     train_eps = EpisodeSampler(images[:200], ways=5, shots=1, queries=2)
     test_eps = EpisodeSampler(images[200:], ways=5, shots=1, queries=5)
     cls = classifier(hidden=16, width=64)
-    test_acc = lambda: per_step_metrics(  # noqa: E731
+    test_acc = lambda: evaluation_curves(  # noqa: E731
         cls, test_eps, 100, 3, "accuracy", torch.Generator().manual_seed(1))
     before = test_acc()
     assert before.shape == (100, 1)  # no gradient steps: one column, at 0 steps

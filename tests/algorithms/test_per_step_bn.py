@@ -15,7 +15,7 @@ from metagrad.algorithms.mamlpp import MAMLpp
 from metagrad.core.batching import use_vmap
 from metagrad.core.per_step_norm import PerStepBatchNorm, per_step_batch_norm
 from metagrad.core.taskbatch import TaskBatch
-from metagrad.training.evaluation import per_step_metrics
+from metagrad.training.evaluation import evaluation_curves
 
 DT = torch.float64
 K = 2
@@ -196,7 +196,7 @@ def test_step_k_uses_slot_k_in_adaptation_query_loss_and_evaluation():
         def sample(self, n, generator):
             return TaskBatch(*(t[:n] for t in batch.tensors()))
 
-    curves = per_step_metrics(learner, Sampler(), 3, steps, "mse", torch.Generator())
+    curves = evaluation_curves(learner, Sampler(), 3, steps, "mse", torch.Generator())
     for t in range(3):
         sx, sy, qx, qy = (x[t] for x in batch.tensors())
         ref = manual_path(ordinary, learner, sx, sy, steps)

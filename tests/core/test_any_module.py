@@ -13,6 +13,7 @@ from metagrad.core.batching import (
     use_vmap,
     vmap_is_exact,
 )
+from metagrad.core.taskbatch import TaskBatch
 
 DT = torch.float64
 
@@ -250,6 +251,112 @@ def test_second_order_on_any_module_matches_unrolled_reference(module_cls):
 def test_shared_parameters_appear_once_and_stay_leaves(module_cls):
     model = module_cls()
     maml = MAML(model, F.mse_loss)
-    assert len(maml.params()) == 5 if module_cls is TiedLinear else 6
+    assert len(maml.params()) == (5 if module_cls is TiedLinear else 6)
     maml.meta_loss(*(torch.randn(2, 3, d) for d in (4, 1, 4, 1))).backward()
     assert all(p.is_leaf and p.grad is not None for p in model.parameters())
+
+
+# -- batching="auto": which path is taken, and the fallback on a vmap error ---------------------
+class VmapSpy:
+    """Wraps ``metagrad.core.batching.vmap`` and ``metagrad.algorithms.maml.per_task``: counts the
+    calls of each and the vmap calls that raised."""
+
+    def __init__(self, monkeypatch):
+        import metagrad.algorithms.maml as maml_module
+        import metagrad.core.batching as batching_module
+
+        self.per_task = self.vmap = self.vmap_errors = 0
+        real_vmap, real_per_task = batching_module.vmap, maml_module.per_task
+
+        def vmap(fn, **kw):
+            self.vmap += 1
+            batched = real_vmap(fn, **kw)
+
+            def call(*args):
+                try:
+                    return batched(*args)
+                except RuntimeError:
+                    self.vmap_errors += 1
+                    raise
+            return call
+
+        def per_task(*args, **kw):
+            self.per_task += 1
+            return real_per_task(*args, **kw)
+
+        monkeypatch.setattr(batching_module, "vmap", vmap)
+        monkeypatch.setattr(maml_module, "per_task", per_task)
+
+
+def mlp(norm=None):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 8), *([norm] if norm else []), nn.Tanh(),
+                         nn.Linear(8, 1)).to(DT)
+
+
+def vector_tasks(tasks=3):
+    g = torch.Generator().manual_seed(5)
+    return tuple(torch.randn(tasks, 4, d, generator=g, dtype=DT) for d in (3, 1, 3, 1))
+
+
+@pytest.mark.parametrize(("name", "model", "first_order", "vmapped"), [
+    ("mlp", lambda: mlp(), False, True),
+    ("mlp", lambda: mlp(), True, True),
+    ("conv", conv_bn, False, False),
+    ("conv", conv_bn, True, False),
+    ("layernorm", lambda: mlp(nn.LayerNorm(8)), False, False),
+    ("layernorm", lambda: mlp(nn.LayerNorm(8)), True, True),
+])
+def test_auto_batching_choice_is_taken(monkeypatch, name, model, first_order, vmapped):
+    """"auto" = vmap for an MLP, a loop for a conv net (slower vmapped) and for LayerNorm in second
+    order (its vmapped second derivative is wrong on torch 2.13); forced choices are obeyed."""
+    model = model()
+    assert use_vmap("auto", model, first_order) is vmapped
+    assert use_vmap("vmap", model, first_order) and not use_vmap("loop", model, first_order)
+    data = image_tasks() if name == "conv" else vector_tasks()
+    loss_fn = F.cross_entropy if name == "conv" else F.mse_loss
+    spy = VmapSpy(monkeypatch)
+    maml = MAML(model, loss_fn, 0.1, inner_steps=1, first_order=first_order, batching="auto")
+    maml.meta_loss(*data)
+    assert (spy.per_task, spy.vmap, spy.vmap_errors) == (1, int(vmapped), 0)
+    maml.zero_grad()
+    maml.meta_gradient(TaskBatch(*data))
+    grad_auto = [p.grad.clone() for p in model.parameters()]
+    # a looped meta-gradient back-propagates task by task, without per_task
+    assert spy.per_task == (2 if vmapped else 1) and spy.vmap == 2 * int(vmapped)
+    grad_loop = meta_grad(MAML(model, loss_fn, 0.1, inner_steps=1, first_order=first_order,
+                               batching="loop"), data)
+    for a, b in zip(grad_auto, grad_loop, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+class ItemInForward(nn.Module):
+    """Verified-exact by promise, but its forward calls ``.item()``, which vmap cannot batch."""
+
+    vmap_exact_forward = True
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+
+    def forward(self, x):
+        scale = 2.0 if x.abs().sum().item() >= 0 else 1.0
+        return self.lin(x) * scale
+
+
+def test_auto_falls_back_to_the_loop_on_a_vmap_error(monkeypatch):
+    torch.manual_seed(0)
+    model = ItemInForward().to(DT)
+    data = vector_tasks()
+    assert use_vmap("auto", model, False)
+    spy = VmapSpy(monkeypatch)
+    auto = MAML(model, F.mse_loss, 0.1, inner_steps=2, batching="auto")
+    loss = auto.meta_loss(*data)
+    assert (spy.vmap, spy.vmap_errors) == (1, 1)  # vmap tried, failed, the loop answered
+    looped = MAML(model, F.mse_loss, 0.1, inner_steps=2, batching="loop")
+    torch.testing.assert_close(loss, looped.meta_loss(*data), rtol=1e-12, atol=0)
+    for a, b in zip(meta_grad(auto, data), meta_grad(looped, data), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    assert spy.vmap_errors == 2
+    with pytest.raises(RuntimeError):  # a forced vmap does not hide the error
+        MAML(model, F.mse_loss, 0.1, inner_steps=2, batching="vmap").meta_loss(*data)

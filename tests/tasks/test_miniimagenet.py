@@ -83,9 +83,9 @@ def test_episodes(root):
     assert torch.equal(b.query_x[2, 4 * 3 + 1], data.images[c, i].float() / 255)
     again = ep.sample(4, torch.Generator().manual_seed(0))
     assert torch.equal(again.query_x, b.query_x)
-    with pytest.raises(DataError, match="6 are available"):
+    with pytest.raises(ConfigError, match="6 are available"):
         MiniImageNetEpisodes(data, ways=7)
-    with pytest.raises(DataError, match="only 6"):
+    with pytest.raises(ConfigError, match="only 6"):
         MiniImageNetEpisodes(data, ways=5, shots=2, queries=5)
 
 

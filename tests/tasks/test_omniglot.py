@@ -261,9 +261,9 @@ def test_labels_are_permuted_between_episodes(train):
 
 @needs_data
 def test_too_many_ways_or_items(data):
-    with pytest.raises(DataError, match=r"423 are available"):
+    with pytest.raises(ConfigError, match=r"423 are available"):
         OmniglotEpisodes(data, "test", ways=500, rotations=False)
-    with pytest.raises(DataError, match=r"shots \+ queries = 5 \+ 16 = 21"):
+    with pytest.raises(ConfigError, match=r"shots \+ queries = 5 \+ 16 = 21"):
         OmniglotEpisodes(data, "train", ways=5, shots=5, queries=16)
     with pytest.raises(ConfigError, match="split"):
         OmniglotEpisodes(data, "validation")

@@ -21,7 +21,7 @@ def small(**kw):
 
 def final_params(trainer):
     return {f"{n}/{k}": v.detach().clone()
-            for n, learner in trainer.exp.learners.items() for k, v in learner.state_dict().items()}
+            for n, learner in trainer.job.learners.items() for k, v in learner.state_dict().items()}
 
 
 def test_resumed_run_is_bit_identical_to_uninterrupted(tmp_path):
