@@ -13,19 +13,20 @@ import pytest
 import torch
 
 from metagrad.cli import main
+from metagrad.distributed import Distributed
 from metagrad.errors import CheckpointError, ConfigError
 from metagrad.rl.maml_rl import MAMLRL, RLConfig
 from metagrad.training import checkpoint as ckpt
+from metagrad.training.loop import read_config, train
 from metagrad.training.rl import (
     FINE_TUNE_SCALES,
-    RLTrainer,
+    RLJob,
     evaluate_rl_run,
-    is_rl_run,
     resolve_rl,
-    train_rl,
     tune_fine_tuning,
     validation_return,
 )
+from metagrad.training.run import RunDirectory
 
 TINY = dict(meta_batch=3, rollouts=3, horizon=20, hidden=(16,), iterations=4, checkpoint_every=2,
             val_every=2, val_tasks=2, eval_steps=2)
@@ -39,13 +40,14 @@ def tiny(**settings) -> RLConfig:
 def run(tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     run_dir = tmp_path_factory.mktemp("rl") / "run"
-    train_rl(tiny(), run_dir, progress=False)
+    train(tiny(), run_dir, progress=False)
     return run_dir
 
 
 def test_run_directory_holds_config_metrics_and_checkpoints(run):
-    assert is_rl_run(run)
-    assert not is_rl_run(run / "checkpoints")
+    assert read_config(run) == tiny()
+    with pytest.raises(ConfigError, match="not a run directory"):
+        read_config(run / "checkpoints")
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [1, 2, 3, 4]
     for name in ("maml", "pretrained"):
@@ -54,7 +56,7 @@ def test_run_directory_holds_config_metrics_and_checkpoints(run):
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["best.safetensors", "ckpt-0000002.safetensors", "ckpt-0000004.safetensors"]
     with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
-        train_rl(tiny(), run, progress=False)
+        train(tiny(), run, progress=False)
 
 
 def test_best_checkpoint_is_the_best_validated_one(run):
@@ -64,9 +66,9 @@ def test_best_checkpoint_is_the_best_validated_one(run):
     best = ckpt.load(run / "checkpoints" / "best.safetensors")
     assert best["iteration"] == max(validated, key=validated.get)
     assert best["best"] == max(validated.values())
-    trainer = RLTrainer(tiny(), run)  # validation is deterministic: the best policy re-validates
-    trainer.load_state(best)
-    assert trainer.validate() == pytest.approx(best["best"], abs=1e-5)
+    job = RLJob(tiny(), RunDirectory(run), Distributed())  # the best policy re-validates
+    job.load_state_dict(best)
+    assert job.validate() == pytest.approx(best["best"], abs=1e-5)
 
 
 def test_baselines_fine_tune_with_the_step_size_that_validates_best():
@@ -91,7 +93,7 @@ def test_validation_tasks_do_not_depend_on_the_training_seed():
 
 
 def test_eval_json_has_every_method_and_step(run):
-    rows, figures = evaluate_rl_run(run, tasks=4, steps=2, rollouts=3)
+    rows, figures = evaluate_rl_run(run, tasks=4, steps=2, rollouts=3, which="last")
     report = json.loads((run / "eval.json").read_text())
     assert (report["metric"], report["checkpoint"], report["iteration"]) == (
         "return", "ckpt-0000004.safetensors", 4)
@@ -123,12 +125,12 @@ def _trajectory(run_dir: Path) -> list[dict]:
 
 def test_resume_continues_bit_identically(run, tmp_path):
     half = tmp_path / "half"
-    train_rl(tiny(iterations=2), half, progress=False)
-    trainer = train_rl(None, half, resume=True, iterations=4, progress=False)
-    assert trainer.iteration == 4
+    train(tiny(iterations=2), half, progress=False)
+    resumed = train(None, half, resume=True, iterations=4, progress=False)
+    assert resumed.iteration == 4
     assert _trajectory(half) == _trajectory(run)
     full = ckpt.load(run / "checkpoints" / "ckpt-0000004.safetensors")["learners"]
-    for name, learner in trainer.learners.items():
+    for name, learner in resumed.job.learners.items():
         for key, value in learner.policy.state_dict().items():
             assert torch.equal(value, full[name]["policy"][key])
 
@@ -137,8 +139,8 @@ def test_sigint_writes_a_checkpoint_and_the_run_resumes(tmp_path):
     run_dir = tmp_path / "run"
     code = ("import torch; torch.set_num_threads(1)\n"
             "from metagrad.rl.maml_rl import RLConfig\n"
-            "from metagrad.training.rl import train_rl\n"
-            f"t = train_rl(RLConfig(**{TINY!r} | dict(iterations=100000)), {str(run_dir)!r}, "
+            "from metagrad.training.loop import train\n"
+            f"t = train(RLConfig(**{TINY!r} | dict(iterations=100000)), {str(run_dir)!r}, "
             "progress=False)\n"
             "print('stopped' if t.stopped else 'finished')\n")
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
@@ -156,20 +158,20 @@ def test_sigint_writes_a_checkpoint_and_the_run_resumes(tmp_path):
     done = metrics.read_text().count("\n")
     latest = ckpt.CheckpointDir(run_dir / "checkpoints").latest()
     assert latest.name == f"ckpt-{done:07d}.safetensors"
-    trainer = train_rl(None, run_dir, resume=True, iterations=done + 1, progress=False)
-    assert trainer.iteration == done + 1 and not trainer.stopped
+    resumed = train(None, run_dir, resume=True, iterations=done + 1, progress=False)
+    assert resumed.iteration == done + 1 and not resumed.stopped
 
 
 def test_corrupt_checkpoint_is_refused(run, tmp_path):
     broken = tmp_path / "broken"
-    train_rl(tiny(iterations=2, baseline=False), broken, progress=False)
+    train(tiny(iterations=2, baseline=False), broken, progress=False)
     latest = ckpt.CheckpointDir(broken / "checkpoints").latest()
     latest.write_bytes(latest.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="not a metagrad checkpoint"):
-        train_rl(None, broken, resume=True, progress=False)
+        train(None, broken, resume=True, progress=False)
     with pytest.raises(CheckpointError, match="not a metagrad checkpoint"):
-        evaluate_rl_run(broken)
-    with pytest.raises(ConfigError, match="not a meta-RL run"):
+        evaluate_rl_run(broken, which="last")
+    with pytest.raises(ConfigError, match="not a run directory"):
         evaluate_rl_run(broken / "checkpoints")
 
 
