@@ -47,11 +47,19 @@ def sample_goals(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(n, 2, generator=generator) - 0.5
 
 
+def make_env(config: RLConfig, device: torch.device) -> GymnasiumTasks:
+    """The environment built from a run's settings; with this folder on PYTHONPATH,
+    ``RLConfig(env="own_environment:make_env")`` (``--env own_environment:make_env``) names
+    it."""
+    return GymnasiumTasks(PointToGoal, sample_goals, set_task="set_task",
+                          horizon=config.horizon or 20, device=device)
+
+
 def main() -> None:
     torch.set_num_threads(1)
-    env = GymnasiumTasks(PointToGoal, sample_goals, set_task="set_task", horizon=20)
     config = RLConfig(env="point-to-goal", meta_batch=10, rollouts=10, hidden=(32, 32),
                       inner_lr=0.1, seed=0)
+    env = make_env(config, torch.device("cpu"))
     learner = MAMLRL(config, env=env)
     held_out = env.sample_tasks(20, torch.Generator().manual_seed(1234))
     before, after = learner.evaluate(held_out, steps=1, rollouts=10)

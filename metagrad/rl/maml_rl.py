@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.distributions import Normal
 
 from metagrad.core.functional import Params
-from metagrad.distributed import Distributed
+from metagrad.distributed import Distributed, resolve_device
 from metagrad.errors import CheckpointError, ConfigError
 from metagrad.models.policies import GaussianMLPPolicy
 from metagrad.rl.baselines import LinearFeatureBaseline
@@ -50,8 +50,9 @@ class MAMLRL:
 
     ``env``: any :class:`~metagrad.rl.envs.BatchedEnv`; by default the one ``config.env`` names
     (:func:`~metagrad.rl.envs.env_from_config`), which is otherwise only a label. The policy
-    lives on ``device`` (default CPU); the random streams are CPU generators, so a seed gives the
-    same tasks and episode noise on every device.
+    lives on ``device`` (default: ``config.device``, :func:`~metagrad.distributed.resolve_device`);
+    the random streams are CPU generators, so a seed gives the same tasks and episode noise on
+    every device.
     """
 
     def __init__(self, config: RLConfig, env: BatchedEnv | None = None,
@@ -59,7 +60,7 @@ class MAMLRL:
                  device: torch.device | str | None = None) -> None:
         self.config = config
         self.dist = distributed or Distributed()
-        self.device = torch.device("cpu" if device is None else device)
+        self.device = resolve_device(config.device if device is None else device)
         self.env = env if env is not None else env_from_config(config, self.device)
         with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG untouched
             torch.manual_seed(config.seed)

@@ -77,8 +77,8 @@ class RLConfig:
     keep_checkpoints: int = setting(3, "Periodic checkpoints kept.", min=1)
     log_every: int = setting(1, "Write metrics.jsonl every this many meta-iterations.", min=1)
     threads: int | None = setting(None, "torch intra-op threads (None: torch's default).", min=1)
-    device: str = setting("auto", "auto, cpu, cuda or cuda:N: where the policy is trained (the "
-                          "run loop resolves it and passes it to MAMLRL).")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N (under torchrun: the local rank's "
+                          "GPU): where the policy is trained.")
     env_threads: int = setting(0, "MuJoCo environments: threads of the batched mujoco.rollout "
                                "(0 = the calling thread).", min=0)
 

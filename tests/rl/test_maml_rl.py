@@ -91,3 +91,10 @@ def test_fvp_fraction_changes_only_the_trust_region_metric():
     assert not all(torch.equal(p, q) for p, q in zip(full.policy.parameters(),
                                                      sub.policy.parameters(), strict=True))
     assert b["kl"] <= sub.config.max_kl  # the line search checks the full KL
+
+
+def test_the_policy_lives_on_the_configured_device():
+    assert MAMLRL(tiny(device="cpu")).policy.log_std.device.type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            MAMLRL(tiny(device="cuda"))

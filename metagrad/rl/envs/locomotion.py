@@ -186,7 +186,6 @@ class Locomotion:
         self._rollout.close()
 
 
-
 def from_config(robot: Literal["half_cheetah", "ant"], task: Literal["vel", "dir"],
                 config: RLConfig, device: torch.device) -> Locomotion:
     """The registry's factory (``robot`` and ``task`` bound per entry): ``horizon`` and
