@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.resources
+import re
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -107,7 +108,7 @@ class Locomotion:
         self.device = torch.device(device)
         self.bonus = self.robot.bonus + (self.robot.velocity_bonus if task == "vel" else 0.0)
         assets = importlib.resources.files("gymnasium") / "envs" / "mujoco" / "assets"
-        self.model = mujoco.MjModel.from_xml_path(str(assets / self.robot.xml))
+        self.model = _load_model(mujoco, (assets / self.robot.xml).read_text())
         self.dt = self.model.opt.timestep * frame_skip
         self._data = [mujoco.MjData(self.model) for _ in range(max(nthread, 1))]
         self._rollout = mujoco.rollout.Rollout(nthread=nthread)
@@ -192,3 +193,20 @@ def from_config(robot: Literal["half_cheetah", "ant"], task: Literal["vel", "dir
     ``env_threads``."""
     return Locomotion(robot, task, horizon=config.horizon, nthread=config.env_threads,
                       device=device)
+
+
+_TOTAL_MASS = re.compile(r'\s+settotalmass="([^"]+)"')
+
+
+def _load_model(mujoco: ModuleType, xml: str) -> Any:
+    """The MuJoCo model of ``xml``, with gymnasium's ``settotalmass`` compiler attribute (which
+    MuJoCo ≥ 3.16 reports as deprecated on every load) applied by ``mj_setTotalmass`` instead:
+    the same masses, inertias and derived constants."""
+    total = _TOTAL_MASS.search(xml)
+    if total:
+        xml = xml[:total.start()] + xml[total.end():]
+    model = mujoco.MjModel.from_xml_string(xml)
+    if total:
+        mujoco.mj_setTotalmass(model, float(total.group(1)))
+        mujoco.mj_setConst(model, mujoco.MjData(model))
+    return model
