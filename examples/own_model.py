@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 import metagrad
 from metagrad.tasks.fewshot import FewShotTasks
 
-WAYS, SHOTS, QUERIES = 5, 1, 5
+WAYS, SHOTS, QUERIES = 5, 1, 3
 
 
 class ChannelGate(nn.Module):
@@ -48,7 +48,7 @@ class Block(nn.Module):
 
 
 class SmallResNet(nn.Module):
-    def __init__(self, classes: int, channels: int = 16) -> None:
+    def __init__(self, classes: int, channels: int = 8) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1),
                                   nn.BatchNorm2d(channels), nn.ReLU())
@@ -61,9 +61,9 @@ class SmallResNet(nn.Module):
 
 
 def synthetic_classes(classes: int, items: int, seed: int) -> TensorDataset:
-    """``classes`` random 16×16 patterns, ``items`` noisy copies of each."""
+    """``classes`` random 12×12 patterns, ``items`` noisy copies of each."""
     g = torch.Generator().manual_seed(seed)
-    patterns = F.interpolate(torch.rand(classes, 1, 4, 4, generator=g), size=16, mode="bilinear")
+    patterns = F.interpolate(torch.rand(classes, 1, 4, 4, generator=g), size=12, mode="bilinear")
     x = patterns.repeat_interleave(items, 0)
     x = x + 0.15 * torch.randn(x.shape, generator=g)
     return TensorDataset(x, torch.arange(classes).repeat_interleave(items))
@@ -76,17 +76,17 @@ def main() -> None:
     maml = metagrad.MAML(SmallResNet(WAYS), F.cross_entropy, inner_lr=0.4, inner_steps=1)
     optimizer = torch.optim.Adam(maml.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
-    for iteration in range(1, 101):
+    for iteration in range(1, 41):
         optimizer.zero_grad()
-        loss = maml.meta_gradient(train.sample(8, generator))  # fills .grad, returns the loss
+        loss = maml.meta_gradient(train.sample(4, generator))  # fills .grad, returns the loss
         optimizer.step()
-        if iteration % 25 == 0:
+        if iteration % 10 == 0:
             print(f"iteration {iteration}: query loss {loss.item():.3f}")
 
     def accuracy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return (output.argmax(-1) == target).float().mean()
 
-    curve = maml.evaluation_curve(test.sample(100, generator), 3, accuracy).mean(0)
+    curve = maml.evaluation_curve(test.sample(50, generator), 3, accuracy).mean(0)
     print("held-out classes, accuracy after 0..3 steps: "
           + ", ".join(f"{100 * a:.1f}%" for a in curve.tolist()))
 
