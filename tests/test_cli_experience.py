@@ -1,0 +1,95 @@
+"""The command line as a new user meets it: one row per complaint of the CLI issue."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import metagrad
+from metagrad.cli import build_parser, main
+
+QUICK = ["--iterations", "6", "--val-every", "3", "--val-tasks", "5", "--eval-tasks", "10",
+         "--eval-steps", "2", "--eval-shots", "5", "--meta-batch", "4", "--threads", "1",
+         "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "sinusoid", *QUICK, "--out", str(out)]) == 0
+    return out
+
+
+def test_python_dash_m_and_version():
+    out = subprocess.run([sys.executable, "-m", "metagrad", "--version"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == f"metagrad {metagrad.__version__}"
+
+
+def test_debug_is_accepted_after_the_command(tmp_path, capsys):
+    with pytest.raises(Exception, match="inner_lr"):
+        main(["train", "sinusoid", "--inner-lr", "-1", "--debug", "--out", str(tmp_path)])
+    assert main(["train", "sinusoid", "--inner-lr", "-1", "--out", str(tmp_path)]) == 2
+
+
+def test_help_documents_each_flag_with_type_and_default_in_groups():
+    argv = ["train", "sinusoid", "--algo", "imaml"]
+    text = build_parser(argv)._subparsers._group_actions[0].choices["train"].format_help()
+    assert "inner loop:" in text and "outer loop:" in text and "run:" in text
+    flat = " ".join(text.split())
+    assert "--meta-batch INT tasks per meta-iteration [int; default: 25]" in flat
+    assert "--imaml-lambda" in text  # the chosen algorithm's options
+    assert "--max-kl" not in text and "--mamlpp-msl-epochs" not in text
+    rl = build_parser(["train", "rl"])._subparsers._group_actions[0].choices["train"]
+    assert "--max-kl" in rl.format_help() and "--meta-lr-schedule" not in rl.format_help()
+
+
+def test_config_of_another_task_is_refused(tmp_path, capsys):
+    other = tmp_path / "omni.yaml"
+    other.write_text(yaml.safe_dump({"task": "omniglot", "ways": 5}))
+    assert main(["train", "sinusoid", "--config", str(other), "--out", str(tmp_path / "r")]) == 2
+    assert "configures task 'omniglot'" in capsys.readouterr().err
+
+
+def test_config_yaml_holds_only_the_fields_that_apply(run):
+    stored = yaml.safe_load((run / "config.yaml").read_text())
+    assert "ways" not in stored and "rotations" not in stored and "imaml_lambda" not in stored
+    assert stored["task"] == "sinusoid" and stored["meta_batch"] == 4
+
+
+def test_print_config_shows_the_resolved_settings(capsys):
+    assert main(["train", "omniglot", "--ways", "20", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["ways"] == 20 and printed["inner_steps"] == 5  # the paper's 20-way preset
+
+
+def test_eval_never_overwrites_and_training_evaluates_the_best_checkpoint(run, capsys):
+    first = json.loads((run / "eval.json").read_text())
+    assert first["checkpoint"] == "best.safetensors"
+    assert main(["eval", str(run), "--tasks", "7"]) == 0
+    assert "evaluating the best checkpoint" in capsys.readouterr().out
+    assert json.loads((run / "eval.json").read_text()) == first
+    again = json.loads((run / "eval-best-7tasks" / "eval.json").read_text())
+    assert again["results"][0]["tasks"] == 7
+    assert main(["eval", str(run), "--tasks", "7"]) == 0
+    assert (run / "eval-best-7tasks-2" / "eval.json").is_file()
+
+
+def test_resume_keeps_the_config_and_refuses_a_preset(run, tmp_path, capsys):
+    before = (run / "config.yaml").read_text()
+    assert main(["train", "sinusoid", "--out", str(run), "--resume", "--iterations", "8",
+                 "--no-eval", "--no-progress"]) == 0
+    assert (run / "config.yaml").read_text() == before
+    history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["event"] == "resume" and history[-1]["extended_from"] == 6
+    assert main(["train", "sinusoid", "--out", str(run), "--resume", "--preset", "quick"]) == 2
+    assert "remove --preset" in capsys.readouterr().err
+
+
+def test_presets_lists_supervised_and_rl_presets(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "omniglot --preset paper-20way" in out and "train rl --env navigation2d" in out
