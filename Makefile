@@ -14,20 +14,20 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # torch is pinned to the CPU build that lies on this machine's disk; installed first so that
-# the project's `torch>=2.3` is already satisfied and nothing larger is downloaded.
+# the project's `torch>=2.13` is already satisfied and nothing larger is downloaded.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
 run: $(VENV)/.installed
-	$(BIN)/metagrad train sinusoid --preset quick --out runs/sinusoid-quick
+	$(BIN)/metagrad train sinusoid --preset quick --out runs/sinusoid-quick-$$(date +%Y%m%d-%H%M%S)
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check metagrad tests benchmarks
+	$(BIN)/ruff check metagrad tests benchmarks examples tools
 
 # the docs tools (mkdocs, mkdocstrings) come with the dev extra: `make test` checks the build too
 docs: $(VENV)/.installed
