@@ -41,7 +41,8 @@ class CAVIAOptions:
 
 class ContextModel(nn.Module):
     """``model(cat([x, φ], dim=1))`` for flat inputs ``[N, features]``; ``φ`` (``context``)
-    is a parameter that stays 0 outside adaptation (it is not meta-learned)."""
+    is a parameter that stays 0 outside adaptation (it is not meta-learned), created with the
+    dtype and device of ``model``'s first parameter."""
 
     vmap_exact_forward = True  # flatten, expand and cat only
 
@@ -49,7 +50,8 @@ class ContextModel(nn.Module):
         super().__init__()
         require_integer("context_dim", context_dim, 1)
         self.model = model
-        self.context = nn.Parameter(torch.zeros(context_dim), requires_grad=False)
+        self.context = nn.Parameter(torch.zeros(context_dim, **_factory_kwargs(model)),
+                                    requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
@@ -57,6 +59,12 @@ class ContextModel(nn.Module):
                               f"got {type(x).__name__} inputs")
         x = x.flatten(1)
         return self.model(torch.cat([x, self.context.expand(x.shape[0], -1)], dim=1))
+
+
+def _factory_kwargs(model: nn.Module) -> dict[str, Any]:
+    """The dtype and device of ``model``'s first parameter (the defaults if it has none)."""
+    first = next(model.parameters(), None)
+    return {} if first is None else dict(dtype=first.dtype, device=first.device)
 
 
 def with_context_inputs(model: nn.Module, context_dim: int) -> MLP:
