@@ -19,7 +19,7 @@ from metagrad.errors import ConfigError
 from metagrad.models.conv import Conv4
 from metagrad.models.mlp import MLP, sinusoid_mlp
 from metagrad.tasks.sinusoid import SinusoidTasks
-from metagrad.training.evaluation import per_step_metrics, query_metric
+from metagrad.training.evaluation import evaluation_curves, query_metric
 
 NAMES = list(ALGORITHMS)
 MSE = functools.partial(query_metric, "mse")
@@ -175,7 +175,7 @@ def test_evaluation_curve_is_todays_evaluation(name):
     b = batch(tasks=4, seed=2)
     before = {k: v.clone() for k, v in learner.state_dict().items()}
     curve = learner.evaluation_curve(b, 3, MSE)
-    today = per_step_metrics(learner, FixedSampler(b), 4, 3, "mse", torch.Generator())
+    today = evaluation_curves(learner, FixedSampler(b), 4, 3, "mse", torch.Generator())
     assert torch.equal(curve, today)
     assert all(torch.equal(v, before[k]) for k, v in learner.state_dict().items())
     assert all(p.grad is None for p in learner.parameters())
