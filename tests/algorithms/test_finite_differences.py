@@ -87,7 +87,7 @@ def test_mamlpp_per_step_rates_match_finite_differences(multi_step_loss):
         assert len(set(learner.step_weights(steps))) == 2
     with torch.no_grad():  # distinct rates per step and per tensor, so a mixed-up index shows
         for i, rate in enumerate(learner.inner_rates.parameters()):
-            rate.copy_(0.01 * torch.arange(1, steps + 1, dtype=DT) * (1 + 0.3 * i))
+            rate.copy_(torch.log(0.01 * torch.arange(1, steps + 1, dtype=DT) * (1 + 0.3 * i)))
     rates = list(learner.inner_rates.parameters())
     assert all(r.shape == (steps,) for r in rates)
     theta = list(learner.model.parameters())
