@@ -15,6 +15,7 @@ from metagrad.algorithms.blackbox import BlackBox, BlackBoxOptions
 from metagrad.algorithms.cavia import CAVIAOptions
 from metagrad.algorithms.imaml import IMAMLOptions
 from metagrad.algorithms.mamlpp import MAMLppOptions
+from metagrad.algorithms.reptile import ReptileOptions
 from metagrad.errors import ConfigError
 from metagrad.models.conv import Conv4
 from metagrad.models.mlp import MLP, sinusoid_mlp
@@ -60,7 +61,8 @@ def test_options_keep_the_configuration_names():
     assert [f.name for f in dataclasses.fields(CAVIAOptions)] == ["cavia_context_dim"]
     assert [f.name for f in dataclasses.fields(BlackBoxOptions)] == [
         "blackbox_width", "blackbox_layers", "blackbox_heads"]
-    for name in ("maml", "metasgd", "anil", "reptile", "pretrained"):
+    assert [f.name for f in dataclasses.fields(ReptileOptions)] == ["reptile_inner_data"]
+    for name in ("maml", "metasgd", "anil", "pretrained"):
         assert ALGORITHMS.get(name).Options is NoOptions
 
 
