@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from metagrad.algorithms import ALGORITHMS
 from metagrad.algorithms.base import Capabilities, Learner, LearnerSettings, NoOptions
@@ -116,8 +117,8 @@ def test_cavia_from_config_widens_the_task_network_for_its_context():
                               strict=True):
         assert n == m and torch.equal(a, b)
     assert cavia.model.context.shape == (3,)
-    with pytest.raises(ConfigError, match="FiLM"):
-        ALGORITHMS.get("cavia").from_config(Conv4(1, 5, hidden=8), F.cross_entropy,
+    with pytest.raises(ConfigError, match="FiLM"):  # neither an MLP nor a Conv4
+        ALGORITHMS.get("cavia").from_config(nn.Sequential(nn.Linear(1, 1)), F.mse_loss,
                                             LearnerSettings(), None)
 
 
