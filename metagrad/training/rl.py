@@ -145,9 +145,9 @@ def validation_return(learner: MAMLRL) -> float:
 
 def tune_fine_tuning(learner: MAMLRL) -> MAMLRL:
     """``learner``'s policy fine-tuned with the step sizes (:data:`FINE_TUNE_SCALES` × its
-    ``inner_lr`` and ``eval_inner_lr``) of best
-    :func:`validation_return`: a baseline's fairest comparison, since the α that MAML was
-    trained for can throw a policy trained without adaptation far off (its std has shrunk)."""
+    ``inner_lr`` and ``eval_inner_lr``) of best :func:`validation_return`: a baseline's fairest
+    comparison, since the α that MAML was trained for can throw a policy trained without
+    adaptation far off (its std has shrunk)."""
     cfg = learner.config
     candidates = []
     for scale in FINE_TUNE_SCALES:
