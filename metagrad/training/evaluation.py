@@ -68,8 +68,10 @@ def tune_fine_tuning(learner: MAML, sampler: TaskSampler, num_tasks: int, steps:
     ``learner.inner_lr`` with the best mean query ``metric`` after ``steps`` adaptation steps
     on ``num_tasks`` tasks of ``sampler`` (drawn with ``seed``: every candidate meets the same
     tasks). Lower is better for ``"mse"``, higher for ``"accuracy"``; a non-finite metric is the
-    worst; among equal metrics the smaller step size wins. ``learner`` is not modified, and is
-    returned itself when ``steps`` is 0 (no step is taken: there is nothing to choose)."""
+    worst; among equal metrics the smaller step size wins. The copy fine-tunes with that one
+    fixed step size: inner rates of ``learner`` (``learn_inner_lr``, set for an untrained
+    "scratch" network) are dropped. ``learner`` is not modified, and is returned itself when
+    ``steps`` is 0 (no step is taken: there is nothing to choose)."""
     if steps == 0:
         return learner
     sign = -1.0 if metric == "mse" else 1.0
@@ -77,6 +79,7 @@ def tune_fine_tuning(learner: MAML, sampler: TaskSampler, num_tasks: int, steps:
     def candidate(scale: float) -> tuple[float, float, MAML]:
         tuned = copy.deepcopy(learner)
         tuned.inner_lr = learner.inner_lr * scale
+        tuned.inner_rates = None
         curves = evaluation_curves(tuned, sampler, num_tasks, steps, metric,
                                    torch.Generator().manual_seed(seed), device)
         score = sign * curves[:, -1].mean().item()

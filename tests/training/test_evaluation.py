@@ -60,6 +60,18 @@ def test_a_well_scaled_network_keeps_a_larger_step():
     assert tuned.inner_lr >= 0.01
 
 
+def test_the_chosen_step_size_replaces_untrained_per_element_rates():
+    """A "scratch" network built with learn_inner_lr holds rates that would ignore inner_lr."""
+    torch.manual_seed(0)
+    model = scaled_baseline(4.0).model
+    learner = MAML(model, F.mse_loss, inner_lr=0.01, learn_inner_lr=True)
+    tuned = tune_fine_tuning(learner, SinusoidTasks(shots=10, queries=10), 40, STEPS, "mse",
+                             seed=7)
+    assert tuned.inner_rates is None and learner.inner_rates is not None
+    assert tuned.inner_lr < 0.01
+    assert validation_mse(tuned) < validation_mse(learner)
+
+
 def test_no_steps_means_nothing_to_choose():
     learner = scaled_baseline(1.0)
     assert tune_fine_tuning(learner, SinusoidTasks(), 10, 0, "mse", seed=0) is learner
