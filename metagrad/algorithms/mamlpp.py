@@ -5,7 +5,9 @@
   (non-final weights decay linearly to 0.03/K), after which only the last step counts;
 * derivative-order annealing (DA): first order for the first ``first_order_epochs`` epochs,
   second order afterwards;
-* learned per-layer per-step inner rates (LSLR): one α per parameter tensor and inner step;
+* learned per-layer per-step inner rates (LSLR): one α per parameter tensor and inner step,
+  learned in log space, α = exp(ρ) with ρ₀ = log(inner_lr), so that they stay positive
+  (:class:`~metagrad.core.rates.InnerLearningRates`; checkpoints of linear rates load);
 * cosine annealing of the meta learning rate: a trainer setting (``meta_lr_schedule``);
 * per-step BatchNorm (``per_step_bn=True``, off by default): every ``nn.BatchNorm1d/2d`` of the
   model becomes a :class:`~metagrad.core.per_step_norm.PerStepBatchNorm` with K + 1 slots, the
@@ -102,7 +104,7 @@ class MAMLpp(MAML):
         if learn_step_lrs:
             self.inner_rates = InnerLearningRates(self.params(), self.adapted_names, inner_lr,
                                                   per_element=False, per_step=True,
-                                                  steps=inner_steps)
+                                                  steps=inner_steps, log_space=True)
         self.multi_step_loss = multi_step_loss
         self.msl_epochs = msl_epochs
         self.first_order_epochs = first_order_epochs

@@ -2,10 +2,15 @@
 mean and 95% confidence interval (1.96·s/√n) over n held-out tasks.
 
 A learner without an inner loop (the black-box baseline) has one column, reported at 0 steps
-(its metric after conditioning on the support set), never repeated as rows for 1..N steps."""
+(its metric after conditioning on the support set), never repeated as rows for 1..N steps.
+
+The baselines fine-tune with a step size of their own (:func:`tune_fine_tuning`), chosen on
+validation tasks among :data:`FINE_TUNE_SCALES` × ``inner_lr``: the α a meta-learner was trained
+with is no fair step size for a network that was not."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from dataclasses import asdict, dataclass
@@ -14,9 +19,14 @@ import torch
 from torch import Tensor
 
 from metagrad.algorithms.base import Learner
+from metagrad.algorithms.maml import MAML
 from metagrad.core.taskbatch import TaskSampler
 
 METRICS = ("mse", "accuracy")
+
+FINE_TUNE_SCALES = (3.0, 1.0, 0.3, 0.1, 0.03, 0.01)
+"""Multiples of the configured inner step size among which each baseline's fine-tuning step
+size is chosen on the validation tasks (supervised and meta-RL)."""
 
 
 def query_metric(metric: str, output: Tensor, target: Tensor) -> Tensor:
@@ -50,6 +60,32 @@ def evaluation_curves(learner: Learner, sampler: TaskSampler, num_tasks: int, ma
         rows.append(learner.evaluation_curve(batch, max_steps, fn).detach().cpu())
         done += batch.num_tasks
     return torch.cat(rows)
+
+
+def tune_fine_tuning(learner: MAML, sampler: TaskSampler, num_tasks: int, steps: int,
+                     metric: str, seed: int, device: torch.device | str = "cpu") -> MAML:
+    """A copy of ``learner`` whose ``inner_lr`` is the one among :data:`FINE_TUNE_SCALES` ×
+    ``learner.inner_lr`` with the best mean query ``metric`` after ``steps`` adaptation steps
+    on ``num_tasks`` tasks of ``sampler`` (drawn with ``seed``: every candidate meets the same
+    tasks). Lower is better for ``"mse"``, higher for ``"accuracy"``; a non-finite metric is the
+    worst; among equal metrics the smaller step size wins. The copy fine-tunes with that one
+    fixed step size: inner rates of ``learner`` (``learn_inner_lr``, set for an untrained
+    "scratch" network) are dropped. ``learner`` is not modified, and is returned itself when
+    ``steps`` is 0 (no step is taken: there is nothing to choose)."""
+    if steps == 0:
+        return learner
+    sign = -1.0 if metric == "mse" else 1.0
+
+    def candidate(scale: float) -> tuple[float, float, MAML]:
+        tuned = copy.deepcopy(learner)
+        tuned.inner_lr = learner.inner_lr * scale
+        tuned.inner_rates = None
+        curves = evaluation_curves(tuned, sampler, num_tasks, steps, metric,
+                                   torch.Generator().manual_seed(seed), device)
+        score = sign * curves[:, -1].mean().item()
+        return (score if math.isfinite(score) else -math.inf, -scale, tuned)
+
+    return max(map(candidate, FINE_TUNE_SCALES), key=lambda c: c[:2])[2]
 
 
 @dataclass

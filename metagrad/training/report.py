@@ -11,11 +11,16 @@ import torch
 from metagrad.distributed import resolve_device
 from metagrad.errors import CheckpointError, ConfigError
 from metagrad.training import checkpoint as ckpt
-from metagrad.training.evaluation import EvalRow, evaluation_curves, rows_from_curves
+from metagrad.training.evaluation import (
+    EvalRow,
+    evaluation_curves,
+    rows_from_curves,
+    tune_fine_tuning,
+)
 from metagrad.training.experiment import PRETRAINED, build
 from metagrad.training.loop import read_config
 from metagrad.training.plots import plot_metric_vs_steps
-from metagrad.training.run import TEST_SEED_OFFSET
+from metagrad.training.run import TEST_SEED_OFFSET, VAL_SEED_OFFSET
 
 
 def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | None = None,
@@ -25,7 +30,12 @@ def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | Non
     """Evaluates the ``which`` (``"best"``: validation-selected, or ``"last"``) checkpoint of a
     supervised run on ``tasks`` test tasks (default ``eval_tasks``) after 0..``steps`` steps,
     beside the baselines, and writes ``eval.json`` and the figures into ``out`` (default: the
-    run directory). Every method sees the same test tasks."""
+    run directory). Every method sees the same test tasks.
+
+    The meta-learner adapts with its own α; each baseline (``pretrained``, ``scratch``)
+    fine-tunes with the step size of :func:`~metagrad.training.evaluation.tune_fine_tuning`,
+    chosen after ``steps`` steps on ``val_tasks`` validation tasks with ``shots`` examples (the
+    training shots) of a fixed seed, recorded in ``eval.json``'s ``step_sizes`` and printed."""
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     if not hasattr(cfg, "algo"):
@@ -51,6 +61,13 @@ def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | Non
     tasks = tasks or cfg.eval_tasks
     steps = cfg.eval_steps if steps is None else steps
     setup = exp.setup
+    for name in [n for n in learners if n != cfg.algo]:
+        learners[name] = tune_fine_tuning(
+            learners[name], setup.held_out("val", cfg.shots), cfg.val_tasks, steps,
+            setup.metric, cfg.seed + VAL_SEED_OFFSET + cfg.shots, exp.device)
+    step_sizes = {name: learners[name].inner_lr for name in learners if name != cfg.algo}
+    print("fine-tuning step sizes chosen on the validation tasks: "
+          + ", ".join(f"{name} {lr:g}" for name, lr in step_sizes.items()))
     shots = shots or (cfg.eval_shots if setup.classes is None else [cfg.shots])
     rows: list[EvalRow] = []
     for k in shots:
@@ -63,10 +80,10 @@ def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | Non
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(
         {"metric": setup.metric, "checkpoint": path.name, "iteration": state["iteration"],
-         "results": [r.to_dict() for r in rows]}, indent=1))
+         "step_sizes": step_sizes, "results": [r.to_dict() for r in rows]}, indent=1))
     figures = [plot_metric_vs_steps(rows, setup.metric, out / f"{setup.metric}_vs_steps.png")]
     if setup.plots is not None:
-        shown = {n: exp.learners[n] for n in (cfg.algo, PRETRAINED) if n in exp.learners}
+        shown = {n: learners[n] for n in (cfg.algo, PRETRAINED) if n in learners}
         gen = torch.Generator().manual_seed(cfg.seed + TEST_SEED_OFFSET)
         figures += setup.plots(shown, out, shots, steps, gen)
     return rows, figures

@@ -23,7 +23,7 @@ from metagrad.rl.envs import canonical_env_name
 from metagrad.rl.maml_rl import MAMLRL
 from metagrad.rl.settings import RLConfig
 from metagrad.training import checkpoint as ckpt
-from metagrad.training.evaluation import EvalRow, rows_from_curves
+from metagrad.training.evaluation import FINE_TUNE_SCALES, EvalRow, rows_from_curves
 from metagrad.training.plots import plot_metric_vs_steps
 from metagrad.training.report import format_table
 from metagrad.training.rl_plots import plot_navigation_trajectories
@@ -143,15 +143,11 @@ def validation_return(learner: MAMLRL) -> float:
     return returns[:, min(1, cfg.eval_steps):].mean().item()
 
 
-FINE_TUNE_SCALES = (3.0, 1.0, 0.3, 0.1, 0.03, 0.01)
-"""Multiples of (``inner_lr``, ``eval_inner_lr``) among which each baseline's fine-tuning step
-size is chosen on the validation tasks."""
-
-
 def tune_fine_tuning(learner: MAMLRL) -> MAMLRL:
-    """``learner``'s policy fine-tuned with the step sizes (:data:`FINE_TUNE_SCALES`) of best
-    :func:`validation_return`: a baseline's fairest comparison, since the α that MAML was
-    trained for can throw a policy trained without adaptation far off (its std has shrunk)."""
+    """``learner``'s policy fine-tuned with the step sizes (:data:`FINE_TUNE_SCALES` × its
+    ``inner_lr`` and ``eval_inner_lr``) of best :func:`validation_return`: a baseline's fairest
+    comparison, since the α that MAML was trained for can throw a policy trained without
+    adaptation far off (its std has shrunk)."""
     cfg = learner.config
     candidates = []
     for scale in FINE_TUNE_SCALES:

@@ -22,6 +22,7 @@ from metagrad.algorithms.reptile import Reptile
 from metagrad.core.inner_loop import inner_loop
 from metagrad.core.solvers import conjugate_gradient, guarded_conjugate_gradient
 from metagrad.core.taskbatch import TaskBatch
+from metagrad.errors import ConfigError
 from metagrad.models.mlp import MLP
 from metagrad.tasks.sinusoid import SinusoidTasks
 
@@ -124,21 +125,49 @@ def test_anil_keeps_the_body_and_equals_maml_restricted_to_the_head():
     assert a["model.fc0.weight"].abs().max() > 0  # the body learns through the head's adaptation
 
 
-def test_reptile_update_is_theta_plus_epsilon_mean_difference():
+def sgd_by_hand(model, x, y, lr, steps):
+    """φ: ``steps`` full-batch SGD steps on MSE(model(x), y) from a copy of ``model``."""
+    phi = copy.deepcopy(model)
+    opt = torch.optim.SGD(phi.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.mse_loss(phi(x), y).backward()
+        opt.step()
+    return dict(phi.named_parameters())
+
+
+@pytest.mark.parametrize("inner_data", ["task", "support"])
+def test_reptile_update_is_theta_plus_epsilon_mean_difference(inner_data):
+    """Alg. 2 of the paper: φᵢ from k SGD steps on the task's data (its support and query sets
+    together by default, as the paper's code trains on all of a task's data; or the support set
+    only), then θ ← θ + ε · meanᵢ(φᵢ − θ), with φᵢ computed here by ``torch.optim.SGD``."""
     batch = tasks()
     model = mlp()
-    reptile = Reptile(model, F.mse_loss, inner_lr=0.05, inner_steps=3)
-    theta = {n: p.detach().clone() for n, p in reptile.params().items()}
-    phis = [reptile.adapt(sx, sy, first_order=True) for sx, sy in zip(batch.support_x, batch.support_y)]
+    reptile = Reptile(copy.deepcopy(model), F.mse_loss, inner_lr=0.05, inner_steps=3,
+                      inner_data=inner_data)
+    data = zip(batch.support_x, batch.support_y, batch.query_x, batch.query_y, strict=True)
+    phis = [sgd_by_hand(model, torch.cat([sx, qx]) if inner_data == "task" else sx,
+                        torch.cat([sy, qy]) if inner_data == "task" else sy, 0.05, 3)
+            for sx, sy, qx, qy in data]
     eps = 0.5
     opt = torch.optim.SGD(reptile.parameters(), lr=eps)
     opt.zero_grad()
     reptile.meta_gradient(batch)
     opt.step()
+    theta = dict(model.named_parameters())
     for n, p in reptile.params().items():
-        expected = theta[n] + eps * torch.stack([phi[n].detach() - theta[n] for phi in phis]).mean(0)
-        torch.testing.assert_close(p.detach(), expected)
+        expected = theta[n] + eps * torch.stack([phi[n] - theta[n] for phi in phis]).mean(0)
+        torch.testing.assert_close(p.detach(), expected.detach(), rtol=1e-12, atol=1e-12)
         assert not torch.equal(p.detach(), theta[n])
+
+
+def test_reptile_inner_data_changes_the_update_and_is_checked():
+    batch = tasks()
+    grads = {data: grads_of(Reptile(mlp(), F.mse_loss, inner_lr=0.05, inner_steps=2,
+                                    inner_data=data), batch) for data in ("task", "support")}
+    assert any(not torch.allclose(grads["task"][n], grads["support"][n]) for n in grads["task"])
+    with pytest.raises(ConfigError, match="reptile_inner_data must be one of"):
+        Reptile(mlp(), F.mse_loss, inner_data="query")
 
 
 def test_imaml_matches_the_analytic_ridge_regression_meta_gradient():
@@ -255,6 +284,7 @@ PEAK_MEMORY_SCRIPT = """
 import resource, sys, torch, torch.nn.functional as F
 from metagrad import MAML
 from metagrad.algorithms.imaml import IMAML
+from metagrad.errors import ConfigError
 from metagrad.models.mlp import MLP
 from metagrad.core.taskbatch import TaskBatch
 torch.set_num_threads(1)

@@ -1,0 +1,91 @@
+"""The baselines' fine-tuning step sizes, chosen on validation tasks (training/evaluation.py
+``tune_fine_tuning``), and their record in ``eval.json``."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metagrad import MAML
+from metagrad.config import resolve
+from metagrad.models.mlp import sinusoid_mlp
+from metagrad.tasks.sinusoid import SinusoidTasks
+from metagrad.training.evaluation import FINE_TUNE_SCALES, evaluation_curves, tune_fine_tuning
+from metagrad.training.loop import train
+from metagrad.training.report import evaluate_run
+
+STEPS = 5
+
+
+def validation_mse(learner, seed=7):
+    curves = evaluation_curves(learner, SinusoidTasks(shots=10, queries=10), 40, STEPS, "mse",
+                               torch.Generator().manual_seed(seed))
+    return curves[:, -1].mean().item()
+
+
+def scaled_baseline(scale):
+    """A sinusoid network whose output layer is ``scale`` times its initialisation: the
+    curvature of the loss grows as scale², so a step size good for the unscaled network
+    overshoots."""
+    torch.manual_seed(0)
+    model = sinusoid_mlp()
+    with torch.no_grad():
+        model.head.weight.mul_(scale)
+        model.fc1.weight.mul_(scale)
+    return MAML(model, F.mse_loss, inner_lr=0.01)
+
+
+def test_a_pathologically_scaled_baseline_picks_a_smaller_step_and_validates_better():
+    learner = scaled_baseline(4.0)  # with 3 × inner_lr its fine-tuning diverges (inf)
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    tuned = tune_fine_tuning(learner, SinusoidTasks(shots=10, queries=10), 40, STEPS, "mse",
+                             seed=7)
+    assert tuned.inner_lr < learner.inner_lr == 0.01
+    assert any(tuned.inner_lr == pytest.approx(0.01 * s) for s in FINE_TUNE_SCALES)
+    assert validation_mse(tuned) < validation_mse(learner)
+    # the chosen step is the best candidate on those validation tasks
+    for scale in FINE_TUNE_SCALES:
+        other = scaled_baseline(4.0)
+        other.inner_lr = 0.01 * scale
+        assert not validation_mse(other) < validation_mse(tuned)
+    # the learner itself is untouched
+    assert learner.inner_lr == 0.01
+    assert all(torch.equal(v, before[k]) for k, v in learner.state_dict().items())
+
+
+def test_a_well_scaled_network_keeps_a_larger_step():
+    tuned = tune_fine_tuning(scaled_baseline(1.0), SinusoidTasks(shots=10, queries=10), 40,
+                             STEPS, "mse", seed=7)
+    assert tuned.inner_lr >= 0.01
+
+
+def test_the_chosen_step_size_replaces_untrained_per_element_rates():
+    """A "scratch" network built with learn_inner_lr holds rates that would ignore inner_lr."""
+    torch.manual_seed(0)
+    model = scaled_baseline(4.0).model
+    learner = MAML(model, F.mse_loss, inner_lr=0.01, learn_inner_lr=True)
+    tuned = tune_fine_tuning(learner, SinusoidTasks(shots=10, queries=10), 40, STEPS, "mse",
+                             seed=7)
+    assert tuned.inner_rates is None and learner.inner_rates is not None
+    assert tuned.inner_lr < 0.01
+    assert validation_mse(tuned) < validation_mse(learner)
+
+
+def test_no_steps_means_nothing_to_choose():
+    learner = scaled_baseline(1.0)
+    assert tune_fine_tuning(learner, SinusoidTasks(), 10, 0, "mse", seed=0) is learner
+
+
+def test_eval_json_records_the_baselines_step_sizes(tmp_path, capsys):
+    cfg = resolve("sinusoid", "paper", dict(iterations=20, val_every=1000, checkpoint_every=20,
+                                            eval_tasks=20, eval_steps=2, log_every=10,
+                                            val_tasks=10, eval_shots=[10], threads=1))
+    train(cfg, tmp_path / "run", progress=False)
+    evaluate_run(tmp_path / "run")
+    data = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert set(data["step_sizes"]) == {"pretrained", "scratch"}
+    for lr in data["step_sizes"].values():
+        assert any(lr == pytest.approx(cfg.inner_lr * s) for s in FINE_TUNE_SCALES)
+    printed = capsys.readouterr().out
+    assert "step sizes chosen on the validation tasks: pretrained" in printed
