@@ -40,7 +40,7 @@ def _add_setting(group: argparse._ArgumentGroup, f: dataclasses.Field, hint: Any
         f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
     kind = settings.describe_type(hint)
     text = f.metadata.get("help", "")
-    shown = "none" if default is None else (
+    shown = "none" if default is None or default in ([], ()) else (
         " ".join(map(str, default)) if isinstance(default, list | tuple) else default)
     extra = {"nargs": "?", "const": "true"} if hint is bool else {}
     group.add_argument(_flag(f.name), dest=f"set_{f.name}", metavar=kind.upper().split()[0]
