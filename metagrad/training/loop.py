@@ -75,6 +75,7 @@ def train(config: Config | None, run_dir: str | Path, resume: bool = False,
         raise ConfigError("train needs a config unless it resumes a run")
     assert config is not None
     require_backends(config.log)
+    directory = RunDirectory(run_dir, keep_checkpoints=config.keep_checkpoints)
     device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
