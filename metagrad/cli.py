@@ -336,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
             _train(args)
         elif args.command == "eval":
             which = args.checkpoint or _default_checkpoint(args.run_dir)
+            if args.out is not None:
+                from metagrad.training.run import check_directory
+
+                check_directory(args.out)
             out = args.out or _eval_dir(args.run_dir, which, args.tasks)
             _print_eval(args.run_dir, out, which=which, tasks=args.tasks,
                         steps=args.steps, shots=args.shots, rollouts=args.rollouts,

@@ -41,6 +41,16 @@ VAL_SEED_OFFSET = 1_000_003
 TEST_SEED_OFFSET = 2_000_029
 
 
+def check_directory(path: Path, flag: str = "--out") -> None:
+    """A :class:`~metagrad.errors.ConfigError` naming ``flag`` when ``path`` cannot be a
+    directory: it is a file, or lies below one."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file; choose a directory")
+    below = next((p for p in path.parents if p.exists() or p.is_symlink()), None)
+    if below is not None and not below.is_dir():
+        raise ConfigError(f"{flag} {path} lies below the file {below}; choose a directory")
+
+
 class RunDirectory:
     """The files of one run (see the module doc). Only the main process writes."""
 
@@ -61,8 +71,7 @@ class RunDirectory:
 
     def prepare(self) -> None:
         """Creates the directory, or explains why it cannot be one."""
-        if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"--out {self.path} is a file; choose a directory")
+        check_directory(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".write-test-{os.getpid()}"
