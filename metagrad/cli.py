@@ -144,7 +144,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                           "(fetching it first with --download), and show what was found.")
     data.add_argument("dataset", choices=("omniglot",))
     data.add_argument("--root", type=Path, help="the folder holding (or to receive) the zips "
-                      "(default: $METAGRAD_DATA or its omniglot/ folder)")
+                      "(default: $METAGRAD_DATA or its omniglot/ folder; downloads without "
+                      "either go to the cache folder)")
     data.add_argument("--download", metavar="URL", help="fetch the missing zips from this base "
                       "URL (e.g. https://github.com/brendenlake/omniglot/raw/master/python or "
                       "file:///path/to/folder)")
@@ -297,7 +298,8 @@ def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
 
 def _data(dataset: str, root: Path | None, url: str | None) -> None:
-    """Fetches (with ``url``) and checks ``dataset``: files, md5 sums, one full decode."""
+    """Fetches (with ``url``) and checks ``dataset``: both files, their checksums, one full decode;
+    prints what was found and where the decoded cache is."""
     from metagrad.tasks import omniglot
 
     folder = omniglot.find_omniglot(root, download=url is not None,
