@@ -1,11 +1,12 @@
-"""``metagrad train|eval|presets``: the command-line interface.
+"""``metagrad train|eval|presets|data``: the command-line interface.
 
 ``metagrad train TASK`` meta-trains on a task (a built-in name or ``package.module:factory``)
 with ``--algo NAME`` (or ``package.module:Class``); ``metagrad train rl --env NAME`` meta-trains
 a policy. The flags offered are the settings of the chosen task, algorithm or environment, each
 with its help, type and default. Mistakes in what a user typed or configured end with a one-line
 message and exit status 2 (``--debug`` shows the traceback); an interrupted run writes a
-checkpoint and can be resumed.
+checkpoint and can be resumed. ``metagrad data omniglot`` fetches (``--download URL``) and
+checks a data set.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _add_setting(group: argparse._ArgumentGroup, f: dataclasses.Field, hint: Any
         f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
     kind = settings.describe_type(hint)
     text = f.metadata.get("help", "")
-    shown = "none" if default is None else (
+    shown = "none" if default is None or default in ([], ()) else (
         " ".join(map(str, default)) if isinstance(default, list | tuple) else default)
     extra = {"nargs": "?", "const": "true"} if hint is bool else {}
     group.add_argument(_flag(f.name), dest=f"set_{f.name}", metavar=kind.upper().split()[0]
@@ -137,6 +138,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     pr = sub.add_parser("presets", help="list the built-in presets")
     pr.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
+    data = sub.add_parser("data", help="fetch and check a data set",
+                          description="Check that the data set is complete and decodable "
+                          "(fetching it first with --download), and show what was found.")
+    data.add_argument("dataset", choices=("omniglot",))
+    data.add_argument("--root", type=Path, help="the folder holding (or to receive) the zips "
+                      "(default: $METAGRAD_DATA or its omniglot/ folder; downloads without "
+                      "either go to the cache folder)")
+    data.add_argument("--download", metavar="URL", help="fetch the missing zips from this base "
+                      "URL (e.g. https://github.com/brendenlake/omniglot/raw/master/python or "
+                      "file:///path/to/folder)")
+    data.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                      help="show tracebacks")
     return parser
 
 
@@ -283,6 +297,22 @@ def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace,
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
 
+def _data(dataset: str, root: Path | None, url: str | None) -> None:
+    """Fetches (with ``url``) and checks ``dataset``: both files, their checksums, one full decode;
+    prints what was found and where the decoded cache is."""
+    from metagrad.tasks import omniglot
+
+    folder = omniglot.find_omniglot(root, download=url is not None,
+                                    base_url=url or omniglot.OFFICIAL_BASE_URL)
+    omniglot.check_omniglot(folder)
+    data = omniglot.load_omniglot(folder)
+    characters, drawings = data.images.shape[:2]
+    print(f"{dataset} in {folder}: both zips present, checksums verified; "
+          f"{characters} classes (characters), {characters * drawings} images "
+          f"({drawings} per class, {tuple(data.images.shape[2:])} pixels)")
+    print(f"decoded cache: {omniglot.cache_path(folder)}")
+
+
 def _presets() -> None:
     from metagrad.tasks import TASKS
     from metagrad.training.rl import ENV_DEFAULTS
@@ -308,12 +338,18 @@ def main(argv: list[str] | None = None) -> int:
             _train(args)
         elif args.command == "eval":
             which = args.checkpoint or _default_checkpoint(args.run_dir)
+            if args.out is not None:
+                from metagrad.training.run import check_directory
+
+                check_directory(args.out)
             out = args.out or _eval_dir(args.run_dir, which, args.tasks)
             _print_eval(args.run_dir, out, which=which, tasks=args.tasks,
                         steps=args.steps, shots=args.shots, rollouts=args.rollouts,
                         device=args.device)
         elif args.command == "presets":
             _presets()
+        elif args.command == "data":
+            _data(args.dataset, args.root, args.download)
         return 0
     except MetagradError as exc:
         if debug:

@@ -58,6 +58,10 @@ class RunSettings:
     checkpoint_every: int = setting(1000, "write a checkpoint every N iterations", min=1,
                                     group="run")
     keep_checkpoints: int = setting(3, "how many recent checkpoints to keep", min=1, group="run")
+    log: list[Literal["csv", "tensorboard"]] = setting(
+        help="also log the metrics.jsonl records to metrics.csv (csv) and/or tensorboard/ "
+        "(tensorboard; needs `pip install tensorboard`), e.g. --log csv,tensorboard",
+        group="run", default_factory=list)
 
 
 @dataclass

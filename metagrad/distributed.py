@@ -11,12 +11,19 @@ alone logs, validates, plots and writes checkpoints.
 Devices: every process computes on the device :func:`resolve_device` gives it (under ``torchrun``
 with CUDA, its local rank's GPU) and the process group uses NCCL for CUDA devices, gloo for the
 CPU.
+
+Failures: when a process of the job dies (killed, out of memory), the others' next collective
+fails at once (its connection is reset) with :class:`PeerLostError`, and ``torchrun`` stops the
+remaining processes; the run directory keeps its last complete checkpoint, from which
+``--resume`` continues (with any number of processes). A process that hangs without dying is
+noticed only when a collective times out (torch's default: 30 minutes; validation by rank 0
+alone, while the others wait, may legitimately take minutes).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +31,23 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from metagrad.core.taskbatch import TaskBatch
-from metagrad.errors import ConfigError
+from metagrad.errors import ConfigError, MetagradError
+
+
+class PeerLostError(MetagradError):
+    """A collective failed: another process of the job died or cannot be reached."""
+
+
+def _collective(collective: Callable[..., object], *args: object, **kwargs: object) -> None:
+    """``collective(*args, **kwargs)`` (a ``torch.distributed`` one); its failure, which means a
+    lost peer, as a :class:`PeerLostError` that says what to do."""
+    try:
+        collective(*args, **kwargs)
+    except RuntimeError as exc:  # gloo: RuntimeError; NCCL and the store: DistError subclasses
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PeerLostError(f"another process of this torchrun job died or cannot be reached "
+                            f"({first[:200]}); the run directory keeps its last checkpoint: "
+                            "continue with --resume") from None
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -105,7 +128,7 @@ class Distributed:
         grads = [p.grad for m in modules for p in m.parameters() if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads] + [extras.reshape(-1).to(
             grads[0].dtype if grads else extras.dtype)]) * weight
-        dist.all_reduce(flat)
+        _collective(dist.all_reduce, flat)
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
@@ -118,7 +141,7 @@ class Distributed:
         if self.world_size == 1:
             return tensor
         out = tensor.detach() * weight
-        dist.all_reduce(out)
+        _collective(dist.all_reduce, out)
         return out
 
     def in_sync(self, tensor: Tensor) -> bool:
@@ -127,8 +150,8 @@ class Distributed:
         if self.world_size == 1:
             return True
         high, low = tensor.detach().clone(), tensor.detach().clone()
-        dist.all_reduce(high, op=dist.ReduceOp.MAX)
-        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        _collective(dist.all_reduce, high, op=dist.ReduceOp.MAX)
+        _collective(dist.all_reduce, low, op=dist.ReduceOp.MIN)
         return bool(torch.equal(high, low))
 
     def any(self, flag: bool) -> bool:
@@ -136,12 +159,12 @@ class Distributed:
         if self.world_size == 1:
             return flag
         t = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        _collective(dist.all_reduce, t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            dist.barrier()
+            _collective(dist.barrier)
 
     def close(self) -> None:
         if self.world_size > 1 and dist.is_initialized():

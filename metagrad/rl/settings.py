@@ -76,6 +76,9 @@ class RLConfig:
     checkpoint_every: int = setting(10, "Save a checkpoint every this many meta-iterations.", min=1)
     keep_checkpoints: int = setting(3, "Periodic checkpoints kept.", min=1)
     log_every: int = setting(1, "Write metrics.jsonl every this many meta-iterations.", min=1)
+    log: tuple[Literal["csv", "tensorboard"], ...] = setting(
+        (), "Also log the metrics.jsonl records to metrics.csv (csv) and/or tensorboard/ "
+        "(tensorboard; needs `pip install tensorboard`), e.g. --log csv,tensorboard.")
     threads: int | None = setting(None, "torch intra-op threads (None: torch's default).", min=1)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N (under torchrun: the local rank's "
                           "GPU): where the policy is trained.")

@@ -66,11 +66,14 @@ SOURCE_SIZE = 105
 ROTATIONS = (0, 90, 180, 270)
 ZIPS = ("images_background.zip", "images_evaluation.zip")
 # The official archives (github.com/brendenlake/omniglot, folder python/) and their md5 sums.
-OFFICIAL_URL = "https://github.com/brendenlake/omniglot/raw/master/python/{}"
+OFFICIAL_BASE_URL = "https://github.com/brendenlake/omniglot/raw/master/python"
 OFFICIAL_MD5 = {
     "images_background.zip": "68d2efa1b9178cc56df9314c21c6e718",
     "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811",
 }
+SUMS_FILE = "SHA256SUMS"
+"""What a mirror whose archives are re-encodings (other bytes, same pixels) publishes next to
+them: ``sha256sum`` lines, accepted in place of the official md5 (:func:`checksum_problem`)."""
 _CACHE_FORMAT = 1
 _PNG = re.compile(r"images_(background|evaluation)/([^/]+)/character\d+/(\d{4})_(\d{2})\.png")
 
@@ -112,8 +115,7 @@ def load_omniglot(root: str | os.PathLike[str] | None = None, *,
         raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
     folder = find_omniglot(root, download=download, cache=cache)
     zips = [folder / name for name in ZIPS]
-    key = source_key(zips, _CACHE_FORMAT, resample, image_size)
-    path = cache_dir(cache) / f"omniglot-{image_size}px-{resample}-{key}.pt"
+    path = cache_path(folder, cache, resample, image_size)
     start = time.perf_counter()
     stored = load_cached(path)
     if stored is not None and _valid_cache(stored, image_size):
@@ -127,9 +129,19 @@ def load_omniglot(root: str | os.PathLike[str] | None = None, *,
     return data
 
 
+def cache_path(folder: Path, cache: str | os.PathLike[str] | None = None,
+               resample: Resample = "lanczos", image_size: int = 28) -> Path:
+    """Where :func:`load_omniglot` keeps the decoded zips of ``folder`` (the key changes with
+    the zips' sizes and modification times and with the settings)."""
+    key = source_key([folder / name for name in ZIPS], _CACHE_FORMAT, resample, image_size)
+    return cache_dir(cache) / f"omniglot-{image_size}px-{resample}-{key}.pt"
+
+
 def find_omniglot(root: str | os.PathLike[str] | None = None, *, download: bool = False,
-                  cache: str | os.PathLike[str] | None = None) -> Path:
-    """The folder holding both Omniglot zips (see :func:`load_omniglot` for where it looks)."""
+                  cache: str | os.PathLike[str] | None = None,
+                  base_url: str = OFFICIAL_BASE_URL) -> Path:
+    """The folder holding both Omniglot zips (see :func:`load_omniglot` for where it looks);
+    with ``download``, missing zips are fetched from ``base_url`` (:func:`download_omniglot`)."""
     candidates = data_dir_candidates(root, "omniglot")
     for folder in candidates:
         if all((folder / name).is_file() for name in ZIPS):
@@ -138,42 +150,102 @@ def find_omniglot(root: str | os.PathLike[str] | None = None, *, download: bool 
         # Into root itself, else into $METAGRAD_DATA/omniglot, else into the cache folder.
         target = (candidates[0] if root is not None else candidates[-1] if candidates
                   else cache_dir(cache) / "omniglot")
-        download_omniglot(target)
+        download_omniglot(target, base_url=base_url)
         return target
     where = (" or ".join(str(c) for c in candidates) if candidates
              else f"nowhere: no root was given and ${DATA_ENV} is not set")
     raise DataError(
         f"Omniglot not found: looked for {' and '.join(ZIPS)} in {where}. Put both zips (from "
         f"github.com/brendenlake/omniglot, folder python/) into one folder and pass it as root "
-        f"or set {DATA_ENV} to it (or to its parent containing omniglot/); or pass "
-        "download=True to fetch them")
+        f"or set {DATA_ENV} to it (or to its parent containing omniglot/); or fetch and check "
+        f"them with `metagrad data omniglot --root DIR --download {OFFICIAL_BASE_URL}`")
 
 
-def download_omniglot(folder: str | os.PathLike[str], timeout: float = 60.0) -> None:
-    """Downloads the two official zips into ``folder``, checking their md5 sums."""
+def download_omniglot(folder: str | os.PathLike[str], timeout: float = 60.0,
+                      base_url: str = OFFICIAL_BASE_URL) -> None:
+    """Downloads the two zips missing from ``folder`` from ``base_url`` (any URL urllib opens,
+    ``file://`` too), each accepted when :func:`checksum_problem` finds none (the mirror's
+    ``SHA256SUMS`` at ``base_url``, if any, is fetched and kept in ``folder``); a
+    :class:`~metagrad.errors.DataError` on any failure, leaving no partial file."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    base = base_url.rstrip("/")
+    published = _fetch_sums(f"{base}/{SUMS_FILE}", timeout)
     for name in ZIPS:
         target = folder / name
         if target.is_file():
             continue
-        url = OFFICIAL_URL.format(name)
+        url = f"{base}/{name}"
         fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".part", dir=folder)
-        md5 = hashlib.md5()
+        md5, sha256 = hashlib.md5(), hashlib.sha256()
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
                 while chunk := resp.read(1 << 20):
                     md5.update(chunk)
+                    sha256.update(chunk)
                     out.write(chunk)
-            if md5.hexdigest() != OFFICIAL_MD5[name]:
-                raise DataError(f"downloaded {url} has md5 {md5.hexdigest()}, expected "
-                                f"{OFFICIAL_MD5[name]}; retry, or download it by hand to {target}")
+            problem = checksum_problem(name, md5.hexdigest(), sha256.hexdigest(), published)
+            if problem:
+                raise DataError(f"downloaded {url} {problem}; retry, or download it by hand to "
+                                f"{target}")
             os.replace(tmp, target)
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, OSError, ValueError) as e:
             raise DataError(f"could not download {url} ({e}); without network access, download "
                             f"it elsewhere and put it at {target}") from e
         finally:
             Path(tmp).unlink(missing_ok=True)
+    if published:
+        (folder / SUMS_FILE).write_text("".join(f"{published[n]}  {n}\n" for n in ZIPS
+                                                if n in published))
+
+
+def checksum_problem(name: str, md5: str, sha256: str, published: dict[str, str]) -> str:
+    """Why zip ``name`` with these digests is not accepted, or ``""``: it must have its official
+    md5 (:data:`OFFICIAL_MD5`) or, for a mirror that re-encodes the archives (pixels identical,
+    bytes not), the sha256 the mirror's ``SHA256SUMS`` lists (``published``)."""
+    if md5 == OFFICIAL_MD5[name] or published.get(name) == sha256:
+        return ""
+    listed = (f", and sha256 {sha256}, not the {published[name]} its {SUMS_FILE} lists"
+              if name in published else "")
+    return f"has md5 {md5}, not the official {OFFICIAL_MD5[name]}{listed}"
+
+
+def check_omniglot(folder: str | os.PathLike[str]) -> None:
+    """Both zips are in ``folder`` and pass :func:`checksum_problem` (with the ``SHA256SUMS``
+    in ``folder``, if any); else a :class:`~metagrad.errors.DataError` naming the file and what
+    to do. (Decoding them, :func:`load_omniglot`, checks their contents.)"""
+    folder = Path(folder)
+    sums = folder / SUMS_FILE
+    published = _parse_sums(sums.read_text()) if sums.is_file() else {}
+    for name in ZIPS:
+        path = folder / name
+        if not path.is_file():
+            raise DataError(f"{path} is missing; put the official {name} there (or fetch it "
+                            "with --download URL)")
+        md5, sha256 = hashlib.md5(), hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                md5.update(chunk)
+                sha256.update(chunk)
+        problem = checksum_problem(name, md5.hexdigest(), sha256.hexdigest(), published)
+        if problem:
+            raise DataError(f"{path} {problem} (damaged or not the official archive); delete "
+                            "it and fetch it again")
+
+
+def _parse_sums(text: str) -> dict[str, str]:
+    """``name -> sha256`` from ``sha256sum`` output (``HEX  NAME`` lines)."""
+    return {parts[1].lstrip("*"): parts[0].lower() for parts in map(str.split, text.splitlines())
+            if len(parts) == 2}
+
+
+def _fetch_sums(url: str, timeout: float) -> dict[str, str]:
+    """The checksums a mirror publishes at ``url``; none when it publishes none."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return _parse_sums(resp.read().decode("utf-8", "replace"))
+    except (urllib.error.URLError, OSError, ValueError):
+        return {}
 
 
 def _valid_cache(stored: dict[str, Any], size: int) -> bool:
@@ -221,7 +293,8 @@ def _decode(zips: list[Path], resample: Resample, size: int) -> OmniglotData:
                     seen[k, d] = True
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
             raise DataError(f"{path} is corrupt or unreadable ({e}); delete it and put the "
-                            "official archive there (or pass download=True)") from e
+                            "official archive there (`metagrad data omniglot --root DIR "
+                            "--download URL` fetches and checks it)") from e
         missing = int((~seen[lo:hi]).sum())
         if missing:
             chars = int((~seen[lo:hi]).any(axis=1).sum())

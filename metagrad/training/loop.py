@@ -20,6 +20,7 @@ from metagrad.errors import ConfigError, MetagradError
 from metagrad.rl.settings import RLConfig
 from metagrad.training import checkpoint as ckpt
 from metagrad.training.lock import RunLock
+from metagrad.training.loggers import require_backends
 from metagrad.training.run import Run, RunDirectory
 
 Config = ExperimentConfig | RLConfig
@@ -73,6 +74,8 @@ def train(config: Config | None, run_dir: str | Path, resume: bool = False,
     elif config is None:
         raise ConfigError("train needs a config unless it resumes a run")
     assert config is not None
+    require_backends(config.log)
+    directory = RunDirectory(run_dir, keep_checkpoints=config.keep_checkpoints)
     device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -7,8 +7,10 @@ output. Every process of a ``torchrun`` job runs the loop; rank 0 alone writes f
 
 A run directory holds ``config.yaml`` (the resolved settings the run started with),
 ``history.jsonl`` (one line per start, resume or extension), ``metrics.jsonl`` (one JSON object
-per logged iteration, ``seconds`` cumulative over resumes), ``checkpoints/`` and, after
-evaluation, ``eval.json`` and figures.
+per logged iteration, ``seconds`` cumulative over resumes; also ``metrics.csv`` and
+``tensorboard/`` when the ``log`` setting asks, see :mod:`metagrad.training.loggers`),
+``checkpoints/``, ``training_curve.png`` (drawn from ``metrics.jsonl`` whenever the loop ends
+without an error) and, after evaluation, ``eval.json`` and figures.
 """
 
 from __future__ import annotations
@@ -33,9 +35,20 @@ from metagrad.config import RunSettings
 from metagrad.distributed import Distributed
 from metagrad.errors import CheckpointError, ConfigError, TrainingDivergedError
 from metagrad.training import checkpoint as ckpt
+from metagrad.training.loggers import open_loggers
 
 VAL_SEED_OFFSET = 1_000_003
 TEST_SEED_OFFSET = 2_000_029
+
+
+def check_directory(path: Path, flag: str = "--out") -> None:
+    """A :class:`~metagrad.errors.ConfigError` naming ``flag`` when ``path`` cannot be a
+    directory: it is a file, or lies below one."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file; choose a directory")
+    below = next((p for p in path.parents if p.exists() or p.is_symlink()), None)
+    if below is not None and not below.is_dir():
+        raise ConfigError(f"{flag} {path} lies below the file {below}; choose a directory")
 
 
 class RunDirectory:
@@ -58,8 +71,7 @@ class RunDirectory:
 
     def prepare(self) -> None:
         """Creates the directory, or explains why it cannot be one."""
-        if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"--out {self.path} is a file; choose a directory")
+        check_directory(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".write-test-{os.getpid()}"
@@ -93,25 +105,6 @@ class RunDirectory:
                   "host": socket.gethostname(), "pid": os.getpid(), **details}
         with (self.path / "history.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
-
-    def open_metrics(self, iteration: int) -> Any:
-        """``metrics.jsonl`` for appending, first cut back to the records of iterations up to
-        ``iteration`` (the resumed checkpoint's): after any kill and resume, each logged
-        iteration has exactly one record."""
-        path = self.metrics_path
-        if path.is_file():
-            kept = []
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill
-                if isinstance(record, dict) and record.get("iteration", math.inf) <= iteration:
-                    kept.append(line)
-            tmp = path.with_name(f".metrics.jsonl.tmp-{os.getpid()}")
-            tmp.write_text("".join(k + "\n" for k in kept))
-            os.replace(tmp, path)
-        return path.open("a")
 
 
 class Job(Protocol):
@@ -298,11 +291,12 @@ class Run:
             self.directory.checkpoints.save(self.state(), self.iteration, best=best)
 
     def train(self, progress: bool = True, interval: float | None = None) -> None:
-        """Iterates until ``settings.iterations`` or a signal."""
+        """Iterates until ``settings.iterations`` or a signal; the main process then draws
+        ``training_curve.png``."""
         s = self.job.settings
         bar = Progress(s.iterations, self.iteration, self.job.description,
                        progress and self.main, interval)
-        log = self.directory.open_metrics(self.iteration) if self.main else None
+        loggers = open_loggers(self.directory.path, s.log, self.iteration) if self.main else []
         started = time.perf_counter() - self.seconds
         try:
             with stop_on_signals(self):
@@ -319,11 +313,11 @@ class Run:
                         best = self._is_better(value)
                         if best:
                             self.best = value
-                    if log is not None and (self.iteration % s.log_every == 0 or validated):
-                        log.write(json.dumps({"iteration": self.iteration,
-                                              "seconds": round(self.seconds, 3),
-                                              **record}) + "\n")
-                        log.flush()
+                    if self.iteration % s.log_every == 0 or validated:
+                        line = {"iteration": self.iteration, "seconds": round(self.seconds, 3),
+                                **record}
+                        for logger in loggers:
+                            logger.write(line)
                     bar.update(record)
                     saved = validated or self.iteration % s.checkpoint_every == 0
                     if saved:
@@ -337,5 +331,10 @@ class Run:
                         break
         finally:
             bar.close()
-            if log is not None:
-                log.close()
+            for logger in loggers:
+                logger.close()
+        if self.main:
+            from metagrad.training.plots import plot_training_curve
+
+            plot_training_curve(self.directory.metrics_path,
+                                self.directory.path / "training_curve.png")
