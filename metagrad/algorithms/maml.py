@@ -195,7 +195,8 @@ class MAML(nn.Module):
                                          inner_steps=settings.inner_steps,
                                          transductive=settings.transductive,
                                          batching=settings.batching)
-        for name in ("first_order", "learn_inner_lr", "compile", "checkpoint_inner_steps"):
+        for name in ("first_order", "learn_inner_lr", "compile", "checkpoint_inner_steps",
+                     "precision"):
             if getattr(cls.capabilities, name):
                 arguments[name] = getattr(settings, name)
         return cls(model, loss_fn, **arguments, **cls.option_arguments(options)).to(

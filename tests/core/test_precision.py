@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metagrad import MAML
+from metagrad.algorithms.base import Capabilities, LearnerSettings
 from metagrad.core.precision import PrecisionPolicy
 from metagrad.core.taskbatch import TaskBatch
 from metagrad.errors import ConfigError
@@ -120,6 +121,8 @@ def test_loss_scale_scales_the_meta_gradient_not_the_loss():
 def test_fp16_without_cuda_is_a_config_error():
     with pytest.raises(ConfigError, match="fp16.*CUDA"):
         MAML(nn.Linear(2, 2), F.mse_loss, precision="fp16")
+    with pytest.raises(ConfigError, match="fp16.*CUDA"):
+        MAML.from_config(nn.Linear(2, 2), F.mse_loss, LearnerSettings(precision="fp16"))
 
 
 def test_unknown_precision_and_compile_are_refused():
@@ -176,3 +179,11 @@ def test_bf16_training_reaches_fp32_accuracy():
     untrained, _ = trained_accuracy("fp32", iterations=0)
     assert fp32 > untrained + 0.3  # the training did learn
     assert abs(bf16 - fp32) <= math.hypot(ci32, ci16), (fp32, bf16, ci32, ci16)
+
+
+def test_precision_setting_reaches_the_learner_or_is_refused():
+    learner = MAML.from_config(nn.Linear(2, 2), F.mse_loss, LearnerSettings(precision="bf16"))
+    assert learner.precision == "bf16" and learner.policy.query and not learner.policy.support
+    with pytest.raises(ConfigError, match="precision='bf16'"):
+        Capabilities(precision=False).check(LearnerSettings(precision="bf16"), "BlackBox")
+    Capabilities(precision=False).check(LearnerSettings(), "BlackBox")
