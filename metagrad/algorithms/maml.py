@@ -399,20 +399,22 @@ class MAML(nn.Module):
                 losses = []
                 for task in task_slices(tasks):
                     loss = task_loss(*task)
-                    self._scaled(loss / n).backward()
+                    self.scaled_loss(loss / n).backward()
                     losses.append(loss.detach())
                 loss = torch.stack(losses).mean()
             else:
                 loss = per_task(task_loss, tasks, batching, self.model,
                                 self.first_order).mean()
                 if backward:
-                    self._scaled(loss).backward()
+                    self.scaled_loss(loss).backward()
                     loss = loss.detach()
         if not self.transductive and self.model.training:
             self._store_running_statistics(buffers)
         return loss
 
-    def _scaled(self, loss: Tensor) -> Tensor:
+    def scaled_loss(self, loss: Tensor) -> Tensor:
+        """``loss`` through :attr:`loss_scale`: what a ``meta_gradient`` back-propagates (an
+        override that calls ``.backward()`` itself must use it too)."""
         return loss if self.loss_scale is None else self.loss_scale(loss)
 
     @torch.no_grad()
