@@ -11,7 +11,7 @@ Variants (each one :meth:`MAML.meta_gradient` into ``.grad``, no optimizer step)
   bf16-all      every forward in bfloat16, the inner loop (and its double backward) included
   plain-loop    ``torch.autograd.grad(create_graph=True)`` per task, float32 (``--overhead``)
 
-Prints, for each variant, the meta-gradient's error against float32 (max |difference| relative
+Prints the share of the FLOPs in query passes, then, for each variant, the meta-gradient's error against float32 (max |difference| relative
 to the largest component, and cosine), a torch.profiler table of one step (``--top`` ops by self
 CPU time), then the interleaved step times (median, min, ratio to fp32; benchmarks/timing.py).
 
@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,6 +79,22 @@ def step_of(variant: str, args: argparse.Namespace, data: TaskBatch
     return run, list(learner.model.parameters())
 
 
+def query_flop_share(args: argparse.Namespace) -> float:
+    """The share of one task's meta-gradient FLOPs spent in query passes (forward and
+    backward): FLOPs are affine in the number of queries, so two counts give the slope."""
+    def count(queries: int) -> int:
+        learner = make_learner("fp32", args)
+        batch = TaskBatch(torch.randn(1, WAYS, 1, 28, 28), torch.arange(WAYS)[None],
+                          torch.randn(1, queries, 1, 28, 28),
+                          torch.arange(WAYS).repeat_interleave(queries // WAYS)[None])
+        with FlopCounterMode(display=False) as counter:
+            learner.meta_gradient(batch)
+        return counter.get_total_flops()
+
+    full, small = count(WAYS * QUERIES), count(WAYS)
+    return (full - small) / (WAYS * QUERIES - WAYS) * WAYS * QUERIES / full
+
+
 def flat_grad(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in params])
 
@@ -100,6 +117,7 @@ def main() -> None:
     print(environment(), "| load", os.getloadavg())
     print(f"W2 {args.arch}: {args.tasks} tasks, {WAYS} support + {WAYS * QUERIES} query images, "
           f"{args.steps} step(s), {'first' if args.first_order else 'second'} order")
+    print(f"query passes: {query_flop_share(args):.1%} of the meta-gradient's FLOPs")
     steps = {v: step_of(v, args, data) for v in variants}
     reference = None
     for name, (run, params) in steps.items():
