@@ -92,6 +92,9 @@ class ExperimentConfig(RunSettings):
     compile: bool = setting(False, "torch.compile the meta-gradient", group="inner loop")
     checkpoint_inner_steps: bool = setting(False, "recompute inner steps in the meta-backward "
                                            "(less memory, same gradient)", group="inner loop")
+    precision: Literal["fp32", "bf16", "fp16"] = setting(
+        "fp32", "fp32; bf16: query forwards in bfloat16, inner loop in float32; fp16: the same "
+        "in float16 (CUDA only)", group="inner loop")
     # outer loop
     meta_batch: int = setting(25, "tasks per meta-iteration", min=1, group="outer loop")
     meta_lr: float = setting(1e-3, "β, the outer optimizer's learning rate", above=0,

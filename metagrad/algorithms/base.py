@@ -52,13 +52,18 @@ class Capabilities:
     """Accepts a ``batching`` choice other than ``"auto"`` (tasks vmapped or looped)."""
     transductive: bool = True
     """Accepts ``transductive`` (the BatchNorm policy of the inner loop)."""
+    precision: bool = True
+    """Accepts a ``precision`` other than ``"fp32"`` (its forward passes are
+    :meth:`~metagrad.algorithms.maml.MAML.functional_forward`, which runs them under
+    autocast)."""
 
     def refused(self, settings: LearnerSettings) -> list[str]:
         """The shared settings that differ from their defaults but that this algorithm cannot
         use (``inner_lr``/``inner_steps`` are not checked: presets set them)."""
         default = LearnerSettings()
         return [name for name in ("first_order", "learn_inner_lr", "compile",
-                                  "checkpoint_inner_steps", "batching", "transductive")
+                                  "checkpoint_inner_steps", "batching", "transductive",
+                                  "precision")
                 if not getattr(self, name) and getattr(settings, name) != getattr(default, name)]
 
     def check(self, settings: LearnerSettings, algorithm: str) -> None:
@@ -87,6 +92,7 @@ _CAPABILITY_HELP = {
     "checkpoint_inner_steps": "it keeps no second-order inner graph worth recomputing",
     "batching": "it has no per-task inner loop to batch",
     "transductive": "it has no inner-loop BatchNorm policy",
+    "precision": "its forward passes do not run under the mixed-precision policy",
 }
 
 
@@ -102,6 +108,8 @@ class LearnerSettings:
     batching: str = "auto"
     compile: bool = False
     checkpoint_inner_steps: bool = False
+    precision: str = "fp32"
+    """``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA): :mod:`metagrad.core.precision`."""
     classes: int | None = None
     """Classes per task (classification), ``None`` for regression."""
     device: torch.device | str = "cpu"

@@ -40,6 +40,7 @@ from metagrad.core.functional import (
 )
 from metagrad.core.inner_loop import LearningRate, inner_loop
 from metagrad.core.per_step_norm import per_step_norms
+from metagrad.core.precision import Precision, as_float32, check_precision
 from metagrad.core.rates import InnerLearningRates
 from metagrad.core.taskbatch import (
     Inputs,
@@ -88,6 +89,17 @@ class MAML(nn.Module):
             inner gradient, one step at a time (exact: the same meta-gradient). Costs about one
             more support forward and backward per inner step; tasks are looped (not vmapped).
             No effect in first order. The meta-gradient cannot be differentiated again.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only): the forward
+            passes that run under autocast (:mod:`metagrad.core.precision`): for ``"bf16"`` and
+            ``"fp16"`` the query forwards (meta-training loss and evaluation) and so the outer
+            backward through them, while the inner loop (support losses, inner gradients and,
+            in second order, their derivatives) stays float32. Parameters, learned rates,
+            BatchNorm running statistics and every loss stay float32. Not with ``compile``.
+
+    Loss scaling (``"fp16"``): the trainer sets :attr:`loss_scale` to a function applied to each
+    loss before :meth:`meta_gradient` back-propagates it, typically ``GradScaler.scale``; then
+    ``.grad`` holds the scaled meta-gradient, which ``scaler.step(optimizer)`` unscales (skipping
+    the step on inf/NaN) before ``scaler.update()``. The returned loss is unscaled.
 
     Per-step BatchNorm: layers of ``model`` that are
     :class:`~metagrad.core.per_step_norm.PerStepBatchNorm` (found at construction) are told
@@ -105,7 +117,8 @@ class MAML(nn.Module):
                  inner_steps: int = 1, first_order: bool = False, learn_inner_lr: bool = False,
                  adapt: ParamSelector = None, transductive: bool = True,
                  batching: Batching = "auto", inner_rates: nn.Module | None = None,
-                 compile: bool = False, checkpoint_inner_steps: bool = False) -> None:
+                 compile: bool = False, checkpoint_inner_steps: bool = False,
+                 precision: Precision = "fp32") -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -126,6 +139,15 @@ class MAML(nn.Module):
                 "checkpoint_inner_steps recomputes each inner step in a custom backward, which "
                 "neither torch.compile (compile=True) nor batching='vmap' can trace; use the "
                 "default batching (tasks are then looped, one task's graph at a time)")
+        self.precision = precision
+        self.policy = check_precision(precision)
+        """Which forward passes run under autocast (from ``precision``)."""
+        if compile and precision != "fp32":
+            raise ConfigError(f"compile=True runs in float32 only; remove compile or use "
+                              f"precision='fp32' (got precision={precision!r})")
+        self.loss_scale: Callable[[Tensor], Tensor] | None = None
+        """Applied to each loss before :meth:`meta_gradient` back-propagates it (``None``: none);
+        e.g. ``torch.amp.GradScaler.scale`` for ``precision="fp16"``."""
         self.model = model
         self.functional = FunctionalModel(model)
         self.loss_fn = loss_fn
@@ -173,7 +195,8 @@ class MAML(nn.Module):
                                          inner_steps=settings.inner_steps,
                                          transductive=settings.transductive,
                                          batching=settings.batching)
-        for name in ("first_order", "learn_inner_lr", "compile", "checkpoint_inner_steps"):
+        for name in ("first_order", "learn_inner_lr", "compile", "checkpoint_inner_steps",
+                     "precision"):
             if getattr(cls.capabilities, name):
                 arguments[name] = getattr(settings, name)
         return cls(model, loss_fn, **arguments, **cls.option_arguments(options)).to(
@@ -195,9 +218,12 @@ class MAML(nn.Module):
     def functional_forward(self, params: Params, x: Inputs,
                            buffers: dict[str, Tensor] | None = None, *,
                            batch_statistics: bool | None = None,
-                           step: int | None = None) -> Tensor:
+                           step: int | None = None, support: bool = False) -> Tensor:
         """The model's output on ``x`` with parameters ``params`` (e.g. from :meth:`adapt`):
         ``model(x)``, ``model(*x)`` for a tuple, ``model(**x)`` for a dict.
+
+        ``support``: a support forward of the inner loop (else a query forward), which selects
+        its precision (:attr:`policy`); a low-precision output is returned as float32.
 
         ``buffers`` default to copies of the model's, so the model's own are never written.
         ``batch_statistics`` forces BatchNorm to use the batch's statistics (default: the
@@ -209,10 +235,15 @@ class MAML(nn.Module):
         for norm in self._per_step_norms:
             norm.step = step
         args, kwargs = call_arguments(x)
-        if self.transductive if batch_statistics is None else batch_statistics:
-            with batch_norm_uses_batch_statistics(self.model):
+        batch_norm = batch_norm_uses_batch_statistics(self.model) \
+            if (self.transductive if batch_statistics is None else batch_statistics) \
+            else contextlib.nullcontext()
+        if self.policy.dtype is None:  # fp32: no autocast, no cast
+            with batch_norm:
                 return self.functional(params, buffers, *args, **kwargs)
-        return self.functional(params, buffers, *args, **kwargs)
+        device = next(iter(params.values())).device
+        with batch_norm, self.policy.autocast(device, support):
+            return as_float32(self.functional(params, buffers, *args, **kwargs))
 
     def output_loss(self, output: Tensor, y: Tensor) -> Tensor:
         """``loss_fn(output, y)``, refusing a floating-point target that would broadcast
@@ -222,10 +253,11 @@ class MAML(nn.Module):
 
     def loss(self, params: Params, x: Inputs, y: Tensor,
              buffers: dict[str, Tensor] | None = None, *,
-             batch_statistics: bool | None = None, step: int | None = None) -> Tensor:
-        """``loss_fn(model(x; params), y)``."""
+             batch_statistics: bool | None = None, step: int | None = None,
+             support: bool = False) -> Tensor:
+        """``loss_fn(model(x; params), y)`` (``support``: as in :meth:`functional_forward`)."""
         out = self.functional_forward(params, x, buffers, batch_statistics=batch_statistics,
-                                      step=step)
+                                      step=step, support=support)
         return self.output_loss(out, y)
 
     def adaptation_defaults(self, support_x: Inputs, support_y: Tensor, steps: int | None,
@@ -256,7 +288,7 @@ class MAML(nn.Module):
         with double_backward_kernels(not first_order):
             return inner_loop(
                 lambda p, step: self.loss(p, support_x, support_y, buffers,
-                                          batch_statistics=True, step=step),
+                                          batch_statistics=True, step=step, support=True),
                 params, steps=steps, lr=self.learning_rate(), first_order=first_order,
                 adapt=self.adapted_names, trajectory=trajectory,
                 checkpoint=self.checkpoint_inner_steps, step_aware=True,
@@ -367,18 +399,23 @@ class MAML(nn.Module):
                 losses = []
                 for task in task_slices(tasks):
                     loss = task_loss(*task)
-                    (loss / n).backward()
+                    self.scaled_loss(loss / n).backward()
                     losses.append(loss.detach())
                 loss = torch.stack(losses).mean()
             else:
                 loss = per_task(task_loss, tasks, batching, self.model,
                                 self.first_order).mean()
                 if backward:
-                    loss.backward()
+                    self.scaled_loss(loss).backward()
                     loss = loss.detach()
         if not self.transductive and self.model.training:
             self._store_running_statistics(buffers)
         return loss
+
+    def scaled_loss(self, loss: Tensor) -> Tensor:
+        """``loss`` through :attr:`loss_scale`: what a ``meta_gradient`` back-propagates (an
+        override that calls ``.backward()`` itself must use it too)."""
+        return loss if self.loss_scale is None else self.loss_scale(loss)
 
     @torch.no_grad()
     def _store_running_statistics(self, buffers: dict[str, Tensor]) -> None:

@@ -1,0 +1,117 @@
+"""Time to accuracy: train a recipe for a wall-clock budget, then evaluate the
+validation-selected checkpoint on held-out test tasks with the paper's protocol.
+
+A recipe is a preset name (``omniglot:paper``, ``omniglot:paper-20way``) or a JSON object of
+CLI-equivalent settings, e.g. ``'{"task": "omniglot", "preset": "paper", "first_order": true}'``
+(``task`` and ``preset`` choose :func:`metagrad.config.resolve`'s base, every other key
+overrides a setting). The training runs in a subprocess (:func:`metagrad.training.loop.train`)
+that receives SIGINT when the budget is over; the run loop then finishes its current iteration
+(and its validation, if due), writes a checkpoint and stops. Everything from the subprocess's
+start to its exit counts (data loading, validation, checkpoints), and so does any overrun of
+the last iteration: ``minutes`` is the measured time, not the budget.
+
+Evaluation (:func:`metagrad.training.report.evaluate_run`, not timed): the ``best`` checkpoint
+(highest validation value) on ``--tasks`` test tasks (default 600) after the recipe's
+``eval_steps`` adaptation steps with its ``eval_queries`` queries per class (the paper's
+presets: 15 queries per class, 3 steps for 5-way, 5 for 20-way). Writes::
+
+    {"minutes", "iterations", "accuracy", "ci95", "recipe", "best_iteration", "load"}
+
+to ``--out`` (JSON) and prints it. ``iterations``: meta-iterations done within the budget;
+``best_iteration``: the evaluated checkpoint's. Without any validation inside the budget there
+is no ``best`` checkpoint and the script fails (lower ``val_every``).
+
+    METAGRAD_DATA=/work/shared/data/omniglot OMP_WAIT_POLICY=PASSIVE \
+        .venv/bin/python benchmarks/time_to_accuracy.py omniglot:paper --minutes 60 \
+        --run-dir runs/tta-fp32 --out tta-fp32.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from metagrad.config import ExperimentConfig, resolve
+from metagrad.errors import ConfigError
+
+
+def recipe_config(recipe: str) -> tuple[ExperimentConfig, dict[str, Any]]:
+    """The configuration of ``recipe`` (``task:preset`` or a JSON object) and the recipe as a
+    dict (what the result records)."""
+    if recipe.lstrip().startswith("{"):
+        settings = dict(json.loads(recipe))
+    else:
+        task, _, preset = recipe.partition(":")
+        settings = {"task": task, "preset": preset or None}
+    if "task" not in settings:
+        raise ConfigError(f"the recipe names no task: {recipe}")
+    overrides = {k: v for k, v in settings.items() if k not in ("task", "preset")}
+    return resolve(settings["task"], settings.get("preset"), overrides), settings
+
+
+def child(recipe: str, run_dir: str) -> None:
+    """The timed subprocess: trains the recipe until its iterations or SIGINT."""
+    from metagrad.training.loop import train
+
+    config, _ = recipe_config(recipe)
+    train(config, run_dir, progress=False, log_interval=30)
+
+
+def run_for(recipe: str, run_dir: Path, minutes: float) -> float:
+    """Trains in a subprocess, interrupted after ``minutes``; the measured minutes."""
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, __file__, "--child", recipe, "--run-dir",
+                                str(run_dir)])
+    try:
+        process.wait(timeout=minutes * 60)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)
+        process.wait()
+    elapsed = (time.perf_counter() - started) / 60
+    if process.returncode != 0:
+        raise RuntimeError(f"the training subprocess failed (exit code {process.returncode})")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", help="task:preset, or a JSON object of settings")
+    parser.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget")
+    parser.add_argument("--run-dir", required=True, help="a new run directory")
+    parser.add_argument("--tasks", type=int, default=600, help="test tasks")
+    parser.add_argument("--out", help="result JSON file (default: RUN_DIR/time_to_accuracy.json)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.recipe, args.run_dir)
+        return
+    from metagrad.training import checkpoint as ckpt
+    from metagrad.training.report import evaluate_run
+
+    config, recipe = recipe_config(args.recipe)  # refuses a bad recipe before training
+    run_dir = Path(args.run_dir)
+    minutes = run_for(args.recipe, run_dir, args.minutes)
+    load = os.getloadavg()
+    checkpoints = ckpt.CheckpointDir(run_dir / "checkpoints")
+    _, last = checkpoints.read("last")
+    rows, _ = evaluate_run(run_dir, tasks=args.tasks, steps=config.eval_steps, which="best",
+                           scratch=False, out=run_dir / "time_to_accuracy_eval")
+    best = json.loads((run_dir / "time_to_accuracy_eval" / "eval.json").read_text())
+    row = next(r for r in rows if r.method == config.algo and r.steps == config.eval_steps)
+    result = {"minutes": round(minutes, 3), "iterations": int(last["iteration"]),
+              "accuracy": row.mean, "ci95": row.ci95, "recipe": recipe,
+              "best_iteration": int(best["iteration"]), "load": load}
+    out = Path(args.out) if args.out else run_dir / "time_to_accuracy.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
