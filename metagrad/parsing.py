@@ -156,6 +156,8 @@ def unknown(kind: str, value: str, choices: Iterable[str]) -> str:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping of settings from ``path``, or a ConfigError saying what is wrong."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; pass a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:

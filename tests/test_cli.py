@@ -108,7 +108,9 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omnig
     (["train", "omniglot", "--shots", "15", "--queries", "10", "--data", str(SHARED)], "20"),
     (["train", "sinusoid", "--inner-lr", "1e9", "--iterations", "50"], "loss became"),
     (["train", "sinusoid", "--algo", "imamll"], "Did you mean 'imaml'"),
-    (["train", "omniglot", "--algo", "cavia", "--data", str(SHARED)], "FiLM"),
+    (["train", "sinusoid", "--algo", "blackbox", "--precision", "bf16"],
+     "blackbox cannot use precision='bf16'"),
+    (["train", "sinusoid", "--precision", "fp16"], "CUDA"),
 ])
 def test_data_and_training_mistakes_are_explained(argv, message, capsys, tmp_path):
     if "--data" in argv and argv[argv.index("--data") + 1] == str(SHARED) and not SHARED.is_dir():

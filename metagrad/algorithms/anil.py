@@ -30,7 +30,7 @@ class ANIL(MAML):
     keyword arguments are MAML's, except ``adapt`` (the head is what adapts) and
     ``checkpoint_inner_steps`` (the head's graph is small)."""
 
-    capabilities: ClassVar[Capabilities] = Capabilities(compile=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(compile=True, precision=False)
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.01,
                  head: str = "head", **kwargs: Any) -> None:

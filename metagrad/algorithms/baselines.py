@@ -26,7 +26,8 @@ class Pretrained(MAML):
     ``Pretrained.capabilities.applicable(settings)``: ``first_order``, ``learn_inner_lr``,
     ``compile`` and ``checkpoint_inner_steps`` do not apply to its training."""
 
-    capabilities: ClassVar[Capabilities] = Capabilities(first_order=False, learn_inner_lr=False)
+    capabilities: ClassVar[Capabilities] = Capabilities(first_order=False, learn_inner_lr=False,
+                                                        precision=False)
 
     @property
     def meta_gradient_first_order(self) -> bool:

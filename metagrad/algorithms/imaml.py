@@ -55,7 +55,8 @@ class IMAML(MAML):
     parameters adapt with a fixed rate; the inner loop keeps no graph by construction)."""
 
     Options: ClassVar[type] = IMAMLOptions
-    capabilities: ClassVar[Capabilities] = Capabilities(first_order=False, learn_inner_lr=False)
+    capabilities: ClassVar[Capabilities] = Capabilities(first_order=False, learn_inner_lr=False,
+                                                        precision=False)
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.01,
                  inner_steps: int = 10, *, lam: float = 1.0, cg_iterations: int = 5,

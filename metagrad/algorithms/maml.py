@@ -43,6 +43,7 @@ from metagrad.core.per_step_norm import per_step_norms
 from metagrad.core.precision import Precision, as_float32, check_precision
 from metagrad.core.rates import InnerLearningRates
 from metagrad.core.taskbatch import (
+    MISSING_TASK_DIMENSION,
     Inputs,
     LossFn,
     TaskBatch,
@@ -440,10 +441,10 @@ def _explain_model_errors(support_x: Inputs) -> Iterator[None]:
     """A shape mismatch between the data and the model is a user error: say so."""
     try:
         yield
-    except RuntimeError as exc:
-        if "shape" not in str(exc) and "size" not in str(exc):
+    except (RuntimeError, IndexError) as exc:
+        if isinstance(exc, RuntimeError) and "shape" not in str(exc) and "size" not in str(exc):
             raise
         raise ConfigError(
             f"the model or loss could not process this task batch (support_x "
-            f"{describe(support_x)} = [tasks, examples, *input]): {str(exc).splitlines()[0]}"
-        ) from exc
+            f"{describe(support_x)} = [tasks, examples, *input]): {str(exc).splitlines()[0]}. "
+            f"{MISSING_TASK_DIMENSION}") from exc

@@ -54,7 +54,8 @@ class Reptile(MAML):
     query loss at φᵢ (with ``inner_data="task"``, a loss on data the inner steps trained on)."""
 
     Options: ClassVar[type] = ReptileOptions
-    capabilities: ClassVar[Capabilities] = Capabilities(first_order=False, learn_inner_lr=False)
+    capabilities: ClassVar[Capabilities] = Capabilities(first_order=False, learn_inner_lr=False,
+                                                        precision=False)
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.01, *,
                  inner_data: InnerData = "task", **kwargs: Any) -> None:

@@ -152,8 +152,13 @@ def check_pair(x: Inputs, y: Tensor, which: str) -> None:
             raise ConfigError(
                 f"{which} set: {t.shape[0] if t.dim() else 'a scalar'} inputs but "
                 f"{y.shape[0] if y.dim() else 'a scalar'} targets; each input needs one target "
-                f"({name} {tuple(t.shape)}, targets {tuple(y.shape)})"
+                f"({name} {tuple(t.shape)}, targets {tuple(y.shape)}). {MISSING_TASK_DIMENSION}"
             )
+
+
+MISSING_TASK_DIMENSION = (
+    "A batch of tasks is [tasks, examples, ...]: if this is one task's examples, add the task "
+    "dimension with .unsqueeze(0), or use adapt() for a single task")
 
 
 def check_output(output: Tensor, target: Tensor) -> None:

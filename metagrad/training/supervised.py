@@ -46,6 +46,11 @@ class SupervisedJob:
                            for name, learner in exp.learners.items()}
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.artifacts = exp.setup.artifacts
+        # fp16 (CUDA only): losses scaled before each backward, steps skipped on overflow
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
+        if self.scaler.is_enabled():
+            for learner in self.learners.values():
+                learner.loss_scale = self.scaler.scale
 
     def _set_meta_lr(self, iteration: int) -> None:
         cfg = self.settings
@@ -73,7 +78,8 @@ class SupervisedJob:
                                "Lower meta_lr or inner_lr.")
         self._set_meta_lr(iteration)
         for opt in self.optimizers.values():
-            opt.step()
+            self.scaler.step(opt)
+        self.scaler.update()
         meta_lr = next(iter(self.optimizers.values())).param_groups[0]["lr"]
         return {**{f"loss/{n}": v for n, v in losses.items()}, "meta_lr": meta_lr}
 
@@ -90,12 +96,15 @@ class SupervisedJob:
     def state_dict(self) -> dict[str, Any]:
         return {"learners": {n: learner.state_dict() for n, learner in self.learners.items()},
                 "optimizers": {n: opt.state_dict() for n, opt in self.optimizers.items()},
+                "scaler": self.scaler.state_dict(),
                 "rng": ckpt.rng_state(self.generator)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, learner in self.learners.items():
             learner.load_state_dict(state["learners"][name])
             self.optimizers[name].load_state_dict(state["optimizers"][name])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng_state(state["rng"], self.generator)
 
     def synchronised_parameters(self) -> torch.Tensor:
