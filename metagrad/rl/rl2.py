@@ -188,9 +188,10 @@ class RL2:
     checkpoints.
 
     ``config.hidden`` are the widths of the GRU layers; ``config.rl2_episodes`` the episodes per
-    training trial; the gradient-adaptation settings (``inner_lr``, ``inner_steps``,
-    ``first_order``) are unused. ``env`` and ``device`` as for MAMLRL; the random streams are
-    CPU generators.
+    training trial (MAML's sample budget when it is ``inner_steps`` + 1, module doc); the
+    gradient-adaptation settings (``inner_lr``, ``eval_inner_lr``, ``inner_steps``,
+    ``first_order``) are unused. ``env`` and ``device`` as for MAMLRL; the random streams are CPU
+    generators.
     """
 
     def __init__(self, config: RLConfig, env: BatchedEnv | None = None,
