@@ -18,9 +18,9 @@ class RLConfig:
 
     env: str = setting("navigation2d", "Environment: a registered name (metagrad.rl.envs.ENVS) or "
                        "'package.module:factory'; unused when an env object is given.")
-    method: Literal["maml", "pretrain"] = setting(
+    method: Literal["maml", "pretrain", "rl2"] = setting(
         "maml", "maml, or pretrain: the paper's baseline, the TRPO update of the unadapted "
-        "policy on all tasks.")
+        "policy on all tasks, or rl2: the recurrent black-box baseline (metagrad.rl.rl2).")
     meta_batch: int = setting(20, "Tasks per meta-iteration (paper: 20 for 2-D navigation, 40 "
                               "for locomotion).", min=1)
     rollouts: int = setting(20, "Episodes per task, before and after each adaptation step "
@@ -31,6 +31,8 @@ class RLConfig:
                               "step at evaluation).", above=0)
     inner_steps: int = setting(1, "Adaptation steps K in training, each on episodes sampled "
                                "with the policy adapted so far.", min=1)
+    rl2_episodes: int = setting(2, "RL²: episodes per trial in training (inner_steps + 1 matches "
+                                "MAML's sample budget).", min=1)
     eval_inner_lr: float = setting(0.05, "α of the second and later adaptation steps at "
                                    "evaluation (App. A.2).", above=0)
     first_order: bool = setting(False, "Meta-gradient without the second-order terms of the "

@@ -21,6 +21,7 @@ from metagrad.distributed import Distributed
 from metagrad.errors import CheckpointError
 from metagrad.rl.envs import canonical_env_name
 from metagrad.rl.maml_rl import MAMLRL
+from metagrad.rl.rl2 import RL2
 from metagrad.rl.settings import RLConfig
 from metagrad.training import checkpoint as ckpt
 from metagrad.training.evaluation import FINE_TUNE_SCALES, EvalRow, rows_from_curves
@@ -42,7 +43,7 @@ the first step at evaluation); up to 500 meta-iterations. Navigation validates o
 locomotion tasks (``fast_lr`` 0.1, 20 rollouts, H 200, meta-batch 40) but its navigation script
 uses α = 0.5 and meta-batch 40; the paper's values are used here."""
 
-METHOD_NAMES = {"maml": "maml", "pretrain": "pretrained"}
+METHOD_NAMES = {"maml": "maml", "pretrain": "pretrained", "rl2": "rl2"}
 """Names of the trained policies in checkpoints, metrics and ``eval.json``."""
 
 
@@ -60,9 +61,11 @@ def rl_config_from_dict(values: dict[str, Any]) -> RLConfig:
 
 
 def make_learners(cfg: RLConfig, distributed: Distributed | None = None,
-                  device: torch.device | str = "cpu") -> dict[str, MAMLRL]:
-    """The configured method and, with ``baseline`` (and method maml), the pretrained policy."""
-    learners = {METHOD_NAMES[cfg.method]: MAMLRL(cfg, distributed=distributed, device=device)}
+                  device: torch.device | str = "cpu") -> dict[str, MAMLRL | RL2]:
+    """The configured method (:class:`MAMLRL`, or :class:`~metagrad.rl.rl2.RL2` for ``rl2``)
+    and, with ``baseline`` (and method maml), the pretrained policy."""
+    learner = RL2 if cfg.method == "rl2" else MAMLRL
+    learners = {METHOD_NAMES[cfg.method]: learner(cfg, distributed=distributed, device=device)}
     if cfg.baseline and cfg.method == "maml":
         learners["pretrained"] = MAMLRL(dataclasses.replace(cfg, method="pretrain"),
                                         distributed=distributed, device=device)
@@ -167,9 +170,10 @@ def evaluate_rl_run(run_dir: str | Path, tasks: int | None = None, steps: int | 
     the ``which`` (``"last"`` or ``"best"``) checkpoint's policies and of a fresh initialisation
     (``random``). The trained method adapts with its own α; the baselines (``pretrained``,
     ``random``) with the step sizes of :func:`tune_fine_tuning`, recorded in ``eval.json``'s
-    ``step_sizes``. Writes into ``out`` (default: the run directory) ``eval.json``,
-    ``return_vs_steps.png`` and, for navigation2d,
-    ``trajectories.png``."""
+    ``step_sizes``. RL² takes no gradient steps (its "k steps" are the (k+1)-th episode of a
+    trial) and has no step sizes; an RL² run's ``random`` row is still MAML's (a fresh MLP policy
+    fine-tuned by policy gradient). Writes into ``out`` (default: the run directory)
+    ``eval.json``, ``return_vs_steps.png`` and, for navigation2d, ``trajectories.png``."""
     run_dir = Path(run_dir)
     cfg = rl_config_from_dict(RunDirectory(run_dir).read_config())
     path, state = ckpt.CheckpointDir(run_dir / "checkpoints").read(which)
@@ -193,7 +197,7 @@ def evaluate_rl_run(run_dir: str | Path, tasks: int | None = None, steps: int | 
         {"metric": "return", "checkpoint": path.name, "iteration": state["iteration"],
          "step_sizes": {n: [float(f"{lr:.6g}") for lr in (m.config.inner_lr,
                                                             m.config.eval_inner_lr)]
-                        for n, m in methods.items()},
+                        for n, m in methods.items() if isinstance(m, MAMLRL)},
          "results": [r.to_dict() for r in rows]}, indent=1))
     figures = [plot_metric_vs_steps(rows, "return", out / "return_vs_steps.png")]
     if canonical_env_name(cfg.env) == "navigation2d":
