@@ -24,8 +24,8 @@ MAX_EXAMPLES = 80
 DEFECTS = {
     "meta_loss steps < 0": "steps must be an integer >= 0",
     "inner_steps 0": "inner_steps must be a positive integer",
-    "inner_lr 0": "inner_lr must be > 0",
-    "inner_lr < 0": "inner_lr must be > 0",
+    "inner_lr 0": "inner_lr must be a finite number > 0",
+    "inner_lr < 0": "inner_lr must be a finite number > 0",
     "adapt selects nothing": "no parameters selected for adaptation",
     "unknown batching": "batching must be 'auto', 'vmap' or 'loop'",
     "tasks differ": "mismatched task dimensions",
