@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from metagrad.algorithms import ALGORITHMS
 from metagrad.algorithms.base import Capabilities, Learner, LearnerSettings, NoOptions
@@ -60,7 +61,9 @@ def test_options_keep_the_configuration_names():
     assert [f.name for f in dataclasses.fields(CAVIAOptions)] == ["cavia_context_dim"]
     assert [f.name for f in dataclasses.fields(BlackBoxOptions)] == [
         "blackbox_width", "blackbox_layers", "blackbox_heads"]
-    for name in ("maml", "metasgd", "anil", "reptile", "pretrained"):
+    assert [f.name for f in dataclasses.fields(ALGORITHMS.get("reptile").Options)] == [
+        "reptile_inner_data"]
+    for name in ("maml", "metasgd", "anil", "pretrained"):
         assert ALGORITHMS.get(name).Options is NoOptions
 
 
@@ -114,9 +117,9 @@ def test_cavia_from_config_widens_the_task_network_for_its_context():
                               strict=True):
         assert n == m and torch.equal(a, b)
     assert cavia.model.context.shape == (3,)
-    with pytest.raises(ConfigError, match="FiLM"):
-        ALGORITHMS.get("cavia").from_config(Conv4(1, 5, hidden=8), F.cross_entropy,
-                                            LearnerSettings(), None)
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 5))
+    with pytest.raises(ConfigError, match="FiLM"):  # neither an MLP nor a Conv4
+        ALGORITHMS.get("cavia").from_config(conv, F.cross_entropy, LearnerSettings(), None)
 
 
 def test_capabilities_carry_todays_rules():
