@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 from torch.distributions import Normal
 
 from metagrad.core.functional import Params
-from metagrad.distributed import Distributed, resolve_device
-from metagrad.errors import CheckpointError, ConfigError
+from metagrad.errors import ConfigError
 from metagrad.models.policies import GaussianMLPPolicy
-from metagrad.rl.baselines import LinearFeatureBaseline
-from metagrad.rl.envs import BatchedEnv, env_from_config, same_env
+from metagrad.rl.learner import PolicyLearner, seeded_generator
 from metagrad.rl.objectives import (
     OldPolicy,
     TaskData,
@@ -44,38 +41,15 @@ __all__ = ["MAMLRL", "OldPolicy", "RLConfig", "TaskData", "adapt", "compute_adva
            "meta_objective", "reinforce_loss"]
 
 
-class MAMLRL:
+class MAMLRL(PolicyLearner):
     """The MAML-RL trainer: :meth:`meta_step` per meta-iteration, :meth:`evaluate` for the
-    return after 0, 1, … adaptation steps; :meth:`state_dict` for checkpoints.
-
-    ``env``: any :class:`~metagrad.rl.envs.BatchedEnv`; by default the one ``config.env`` names
-    (:func:`~metagrad.rl.envs.env_from_config`), which is otherwise only a label. The policy
-    lives on ``device`` (default: ``config.device``, :func:`~metagrad.distributed.resolve_device`);
-    the random streams are CPU generators, so a seed gives the same tasks and episode noise on
-    every device.
+    return after 0, 1, … adaptation steps; :meth:`state_dict` for checkpoints
+    (:class:`~metagrad.rl.learner.PolicyLearner`: env, device, seeds). The random streams are CPU
+    generators, so a seed gives the same tasks and episode noise on every device.
     """
 
-    def __init__(self, config: RLConfig, env: BatchedEnv | None = None,
-                 distributed: Distributed | None = None,
-                 device: torch.device | str | None = None) -> None:
-        self.config = config
-        self.dist = distributed or Distributed()
-        self.device = resolve_device(config.device if device is None else device)
-        self.env = env if env is not None else env_from_config(config, self.device)
-        with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG untouched
-            torch.manual_seed(config.seed)
-            self.policy = GaussianMLPPolicy(self.env.obs_dim, self.env.act_dim, config.hidden)
-        self.policy.to(self.device)
-        self.generator = _generator(config.seed)
-        self.baseline = LinearFeatureBaseline()
-        self.iteration = 0
-
-    def params(self) -> Params:
-        return dict(self.policy.named_parameters())
-
-    def sample_tasks(self, n: int | None = None) -> Tensor:
-        """``n`` (default meta_batch) tasks from the training generator."""
-        return self.env.sample_tasks(n or self.config.meta_batch, self.generator)
+    policy_class = GaussianMLPPolicy
+    checkpoint_kind = "MAML-RL"
 
     def _collect(self, params: Params, rollouts: int, generator: torch.Generator,
                  per_task: bool) -> TaskData:
@@ -119,7 +93,7 @@ class MAMLRL:
 
         # this process's episode noise: seeded from the shared stream, so resumable
         seed = int(torch.randint(2**62, (), generator=self.generator, device="cpu"))
-        generator = _generator(seed + self.dist.rank)
+        generator = seeded_generator(seed + self.dist.rank)
         self.env.reset_task(tasks[mine])
         inner_steps = c.inner_steps if c.method == "maml" else 0
         sampled = list(self._sample_adapting(inner_steps, c.rollouts, generator,
@@ -167,22 +141,6 @@ class MAMLRL:
             "seconds": time.perf_counter() - start,
         }
 
-    def evaluate(self, tasks: Tensor | None = None, steps: int = 3, rollouts: int = 40,
-                 seed: int | None = None) -> list[float]:
-        """Mean return after 0, 1, …, ``steps`` adaptation steps: :meth:`task_returns` averaged
-        over tasks. ``seed`` defaults to config.seed + 1; ``tasks`` to ``meta_batch`` tasks drawn
-        from that seed (the training stream is not disturbed)."""
-        c = self.config
-        seed = c.seed + 1 if seed is None else seed
-        if tasks is None:
-            tasks = self.env.sample_tasks(c.meta_batch, _generator(seed))
-        return self.task_returns(tasks, steps, rollouts, seed).mean(0).tolist()
-
-    def task_returns(self, tasks: Tensor, steps: int, rollouts: int, seed: int) -> Tensor:
-        """``[tasks, steps + 1]``: each task's mean return after 0, 1, …, ``steps`` steps."""
-        return torch.stack([ep.returns().mean(1)
-                            for ep in self.adaptation(tasks, steps, rollouts, seed)], 1)
-
     def adaptation(self, tasks: Tensor, steps: int, rollouts: int, seed: int
                    ) -> Iterator[Episodes]:
         """The episodes on ``tasks`` after 0, 1, …, ``steps`` adaptation steps (α = inner_lr
@@ -195,35 +153,6 @@ class MAMLRL:
         c = self.config
         self.env.reset_task(tasks)
         for _, data in self._sample_adapting(
-                steps, rollouts, _generator(seed),
+                steps, rollouts, seeded_generator(seed),
                 lambda k: c.inner_lr if k == 0 else c.eval_inner_lr):
             yield data.episodes
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: config, policy weights, generator state, iteration
-        (a snapshot: later training does not change it)."""
-        return {
-            "config": self.config.to_dict(),
-            "policy": {k: v.detach().clone() for k, v in self.policy.state_dict().items()},
-            "generator": self.generator.get_state(),
-            "iteration": self.iteration,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = {"config", "policy", "generator", "iteration"} - set(state)
-        if missing:
-            raise CheckpointError(f"not a MAML-RL checkpoint: missing {sorted(missing)}")
-        saved = RLConfig.from_dict(state["config"])
-        if not same_env(saved.env, self.config.env) or saved.hidden != self.config.hidden:
-            raise CheckpointError(
-                f"checkpoint is for env={saved.env!r}, hidden={saved.hidden}; this trainer has "
-                f"env={self.config.env!r}, hidden={self.config.hidden}"
-            )
-        self.policy.load_state_dict(state["policy"])
-        self.generator.set_state(state["generator"])
-        self.iteration = int(state["iteration"])
-
-
-def _generator(seed: int) -> torch.Generator:
-    """A CPU random stream (tasks, episode noise), the same on every device of the policy."""
-    return torch.Generator(device="cpu").manual_seed(seed)

@@ -42,22 +42,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 from torch.distributions import Normal, kl_divergence
 
 from metagrad.core.functional import Params
-from metagrad.distributed import Distributed, resolve_device
-from metagrad.errors import CheckpointError, ConfigError
+from metagrad.errors import ConfigError
 from metagrad.models.policies import GaussianGRUPolicy, RecurrentState
-from metagrad.rl.baselines import LinearFeatureBaseline
-from metagrad.rl.envs import BatchedEnv, env_from_config, same_env
-from metagrad.rl.maml_rl import _generator
+from metagrad.rl.envs import BatchedEnv
+from metagrad.rl.learner import PolicyLearner, seeded_generator
 from metagrad.rl.objectives import OldPolicy, TaskData, compute_advantages
 from metagrad.rl.sampler import Episodes, sample_episodes
-from metagrad.rl.settings import RLConfig
 from metagrad.rl.trpo import trpo_step
 
 
@@ -181,7 +177,7 @@ def trial_objective(policy: GaussianGRUPolicy, params: Params, data: TaskData, i
     return mean(-ratio * data.advantages[pick]), mean(kl)
 
 
-class RL2:
+class RL2(PolicyLearner):
     """The RL² trainer, with the interface of :class:`~metagrad.rl.maml_rl.MAMLRL`:
     :meth:`meta_step` per meta-iteration, :meth:`task_returns`/:meth:`evaluate` for the return of
     the 1st, 2nd, … episode of a trial ("after 0, 1, … steps"), :meth:`state_dict` for
@@ -194,27 +190,8 @@ class RL2:
     generators.
     """
 
-    def __init__(self, config: RLConfig, env: BatchedEnv | None = None,
-                 distributed: Distributed | None = None,
-                 device: torch.device | str | None = None) -> None:
-        self.config = config
-        self.dist = distributed or Distributed()
-        self.device = resolve_device(config.device if device is None else device)
-        self.env = env if env is not None else env_from_config(config, self.device)
-        with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG untouched
-            torch.manual_seed(config.seed)
-            self.policy = GaussianGRUPolicy(self.env.obs_dim, self.env.act_dim, config.hidden)
-        self.policy.to(self.device)
-        self.generator = _generator(config.seed)
-        self.baseline = LinearFeatureBaseline()
-        self.iteration = 0
-
-    def params(self) -> Params:
-        return dict(self.policy.named_parameters())
-
-    def sample_tasks(self, n: int | None = None) -> Tensor:
-        """``n`` (default meta_batch) tasks from the training generator."""
-        return self.env.sample_tasks(n or self.config.meta_batch, self.generator)
+    policy_class = GaussianGRUPolicy
+    checkpoint_kind = "RL²"
 
     def meta_step(self, tasks: Tensor | None = None) -> dict[str, float]:
         """One meta-iteration on ``tasks`` (default: a fresh meta-batch): ``rollouts`` trials of
@@ -231,7 +208,7 @@ class RL2:
             return self.dist.reduce(t, share)
 
         seed = int(torch.randint(2**62, (), generator=self.generator, device="cpu"))
-        generator = _generator(seed + self.dist.rank)
+        generator = seeded_generator(seed + self.dist.rank)
         self.env.reset_task(tasks[mine])
         episodes = sample_trials(self.policy, self.env, c.rl2_episodes, c.rollouts, generator)
         trial, inputs = whole_trials(episodes)
@@ -274,23 +251,6 @@ class RL2:
             "seconds": time.perf_counter() - start,
         }
 
-    def evaluate(self, tasks: Tensor | None = None, steps: int = 3, rollouts: int = 40,
-                 seed: int | None = None) -> list[float]:
-        """Mean return of the 1st, …, (``steps`` + 1)-th episode of the trials: :meth:`task_returns`
-        averaged over tasks. ``seed`` defaults to config.seed + 1; ``tasks`` to ``meta_batch``
-        tasks drawn from that seed (the training stream is not disturbed)."""
-        c = self.config
-        seed = c.seed + 1 if seed is None else seed
-        if tasks is None:
-            tasks = self.env.sample_tasks(c.meta_batch, _generator(seed))
-        return self.task_returns(tasks, steps, rollouts, seed).mean(0).tolist()
-
-    def task_returns(self, tasks: Tensor, steps: int, rollouts: int, seed: int) -> Tensor:
-        """``[tasks, steps + 1]``: each task's mean return of the k-th episode of its trials,
-        k = 1, …, ``steps`` + 1 (column k − 1: "after k − 1 steps")."""
-        return torch.stack([ep.returns().mean(1)
-                            for ep in self.adaptation(tasks, steps, rollouts, seed)], 1)
-
     def adaptation(self, tasks: Tensor, steps: int, rollouts: int, seed: int
                    ) -> Iterator[Episodes]:
         """The 1st, …, (``steps`` + 1)-th episodes of ``rollouts`` trials on each of ``tasks``
@@ -300,28 +260,4 @@ class RL2:
         if not isinstance(rollouts, int) or rollouts < 1:
             raise ConfigError(f"rollouts must be a positive integer, got {rollouts!r}")
         self.env.reset_task(tasks)
-        yield from sample_trials(self.policy, self.env, steps + 1, rollouts, _generator(seed))
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: config, policy weights, generator state, iteration
-        (a snapshot: later training does not change it)."""
-        return {
-            "config": self.config.to_dict(),
-            "policy": {k: v.detach().clone() for k, v in self.policy.state_dict().items()},
-            "generator": self.generator.get_state(),
-            "iteration": self.iteration,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = {"config", "policy", "generator", "iteration"} - set(state)
-        if missing:
-            raise CheckpointError(f"not an RL² checkpoint: missing {sorted(missing)}")
-        saved = RLConfig.from_dict(state["config"])
-        if not same_env(saved.env, self.config.env) or saved.hidden != self.config.hidden:
-            raise CheckpointError(
-                f"checkpoint is for env={saved.env!r}, hidden={saved.hidden}; this trainer has "
-                f"env={self.config.env!r}, hidden={self.config.hidden}"
-            )
-        self.policy.load_state_dict(state["policy"])
-        self.generator.set_state(state["generator"])
-        self.iteration = int(state["iteration"])
+        yield from sample_trials(self.policy, self.env, steps + 1, rollouts, seeded_generator(seed))
