@@ -5,7 +5,9 @@ in the policy, in how a task's episodes follow each other, and in the meta-step.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -13,16 +15,34 @@ from torch import Tensor, nn
 
 from metagrad.core.functional import Params
 from metagrad.distributed import Distributed, resolve_device
-from metagrad.errors import CheckpointError
+from metagrad.errors import CheckpointError, ConfigError
 from metagrad.rl.baselines import LinearFeatureBaseline
 from metagrad.rl.envs import BatchedEnv, env_from_config, same_env
 from metagrad.rl.sampler import Episodes
 from metagrad.rl.settings import RLConfig
+from metagrad.rl.trpo import trpo_step
 
 
 def seeded_generator(seed: int) -> torch.Generator:
     """A CPU random stream (tasks, episode noise), the same on every device of the policy."""
     return torch.Generator(device="cpu").manual_seed(seed)
+
+
+Objective = Callable[..., tuple[Tensor, Tensor]]
+"""``objective(params, subset=None) -> (surrogate loss, mean KL)`` over this process's tasks, or
+the tasks at indices ``subset`` of them."""
+
+
+@dataclass
+class MetaBatch:
+    """A meta-iteration's sampled data as :meth:`PolicyLearner.meta_step` needs it: the TRPO
+    ``objective``, the number of this process's tasks it averages over, and the episodes whose
+    mean returns are reported as ``pre_return`` (``before`` adaptation) and ``post_return``."""
+
+    objective: Objective
+    tasks: int
+    before: Episodes
+    after: Episodes
 
 
 class PolicyLearner:
@@ -59,13 +79,82 @@ class PolicyLearner:
         return self.env.sample_tasks(n or self.config.meta_batch, self.generator)
 
     def meta_step(self, tasks: Tensor | None = None) -> dict[str, float]:
-        """One meta-iteration on ``tasks`` (default: a fresh meta-batch); its metrics."""
+        """One meta-iteration on ``tasks`` (default: a fresh meta-batch): the subclass samples
+        this process's tasks and builds the objective (:meth:`_sample_meta_batch`), then one TRPO
+        step (:func:`~metagrad.rl.trpo.trpo_step`) updates the policy in place. Metrics:
+        ``pre_return``/``post_return`` (the returns of :class:`MetaBatch`'s ``before`` and
+        ``after`` episodes), the TRPO step's surrogate and KL, ``sample_seconds`` (sampling and
+        the old policy's log-probabilities) and ``seconds``.
+
+        Under ``torch.distributed`` every process draws the same tasks and runs its share
+        (:meth:`~metagrad.distributed.Distributed.part`) with episode noise of its own; the TRPO
+        step combines the shares (:func:`~metagrad.rl.trpo.trpo_step`'s ``reduce``), so every
+        process takes the same step. With ``fvp_fraction`` < 1 the KL's curvature is taken on
+        that fraction of this process's tasks.
+        """
+        c = self.config
+        start = time.perf_counter()
+        tasks = self.sample_tasks() if tasks is None else tasks
+        mine = self.dist.part(len(tasks))
+        share = (mine.stop - mine.start) / len(tasks)
+
+        def reduce(t: Tensor) -> Tensor:
+            return self.dist.reduce(t, share)
+
+        # this process's episode noise: seeded from the shared stream, so resumable
+        seed = int(torch.randint(2**62, (), generator=self.generator, device="cpu"))
+        generator = seeded_generator(seed + self.dist.rank)
+        self.env.reset_task(tasks[mine])
+        batch = self._sample_meta_batch(generator)
+        sample_time = time.perf_counter() - start
+        curvature = None
+        if c.fvp_fraction < 1:
+            subset = torch.randperm(batch.tasks, generator=generator, device="cpu")[
+                :max(1, round(c.fvp_fraction * batch.tasks))].tolist()
+            curvature = lambda p: batch.objective(p, subset)[1]  # noqa: E731
+        params = self.params()
+        result = trpo_step(batch.objective, params, max_kl=c.max_kl, cg_iters=c.cg_iters,
+                           cg_damping=c.cg_damping, ls_steps=c.ls_steps,
+                           ls_backtrack=c.ls_backtrack, hvp=c.hvp, curvature=curvature,
+                           reduce=reduce)
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(result.params[name])
+        self.iteration += 1
+        returns = reduce(torch.stack([batch.before.returns().mean(),
+                                      batch.after.returns().mean()]))
+        return {
+            "iteration": float(self.iteration),
+            "pre_return": float(returns[0]),
+            "post_return": float(returns[1]),
+            "surrogate_before": result.loss_before,
+            "surrogate_after": result.loss_after,
+            "kl": result.kl,
+            "step_fraction": result.step_fraction,
+            "sample_seconds": sample_time,
+            "seconds": time.perf_counter() - start,
+        }
+
+    def _sample_meta_batch(self, generator: torch.Generator) -> MetaBatch:
+        """Sample on the env's current tasks (this process's share) with ``generator``'s noise
+        and return the TRPO objective over them."""
         raise NotImplementedError
 
     def adaptation(self, tasks: Tensor, steps: int, rollouts: int, seed: int
                    ) -> Iterator[Episodes]:
         """The episodes on ``tasks`` after 0, 1, …, ``steps`` adaptation steps, ``rollouts`` per
-        task, sampled with a generator of their own seeded by ``seed``."""
+        task, sampled with a generator of their own seeded by ``seed``
+        (:meth:`_adaptation`)."""
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ConfigError(f"steps must be an integer >= 0, got {steps!r}")
+        if not isinstance(rollouts, int) or isinstance(rollouts, bool) or rollouts < 1:
+            raise ConfigError(f"rollouts must be a positive integer, got {rollouts!r}")
+        self.env.reset_task(tasks)
+        return self._adaptation(steps, rollouts, seeded_generator(seed))
+
+    def _adaptation(self, steps: int, rollouts: int, generator: torch.Generator
+                    ) -> Iterator[Episodes]:
+        """:meth:`adaptation` on the env's current tasks, with ``generator``'s noise."""
         raise NotImplementedError
 
     def task_returns(self, tasks: Tensor, steps: int, rollouts: int, seed: int) -> Tensor:

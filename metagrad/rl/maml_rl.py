@@ -14,7 +14,6 @@ evaluated without training, is the "random initialisation" baseline.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -22,9 +21,8 @@ from torch import Tensor
 from torch.distributions import Normal
 
 from metagrad.core.functional import Params
-from metagrad.errors import ConfigError
 from metagrad.models.policies import GaussianMLPPolicy
-from metagrad.rl.learner import PolicyLearner, seeded_generator
+from metagrad.rl.learner import MetaBatch, PolicyLearner
 from metagrad.rl.objectives import (
     OldPolicy,
     TaskData,
@@ -35,7 +33,6 @@ from metagrad.rl.objectives import (
 )
 from metagrad.rl.sampler import Episodes, action_distribution, sample_episodes
 from metagrad.rl.settings import RLConfig
-from metagrad.rl.trpo import trpo_step
 
 __all__ = ["MAMLRL", "OldPolicy", "RLConfig", "TaskData", "adapt", "compute_advantages",
            "meta_objective", "reinforce_loss"]
@@ -73,34 +70,16 @@ class MAMLRL(PolicyLearner):
                 params = adapt(self.policy, params, data, lr=lr(k), first_order=True,
                                per_task=k > 0)
 
-    def meta_step(self, tasks: Tensor | None = None) -> dict[str, float]:
-        """One meta-iteration on ``tasks`` (default: a fresh meta-batch); returns metrics
-        (``pre_return``: the unadapted policy's, ``post_return``: after ``inner_steps`` steps).
-
-        Under ``torch.distributed`` every process draws the same tasks and runs its share
-        (:meth:`~metagrad.distributed.Distributed.part`) with episode noise of its own; the TRPO
-        step combines the shares (:func:`~metagrad.rl.trpo.trpo_step`'s ``reduce``), so every
-        process takes the same step.
-        """
+    def _sample_meta_batch(self, generator: torch.Generator) -> MetaBatch:
+        """D_0, …, D_K and D' on the env's tasks (module doc); the objective is
+        :func:`~metagrad.rl.objectives.meta_objective` (MAML, through the K steps) or, for
+        ``method="pretrain"``, the same on the unadapted policy (K = 0)."""
         c = self.config
-        start = time.perf_counter()
-        tasks = self.sample_tasks() if tasks is None else tasks
-        mine = self.dist.part(len(tasks))
-        share = (mine.stop - mine.start) / len(tasks)
-
-        def reduce(t: Tensor) -> Tensor:
-            return self.dist.reduce(t, share)
-
-        # this process's episode noise: seeded from the shared stream, so resumable
-        seed = int(torch.randint(2**62, (), generator=self.generator, device="cpu"))
-        generator = seeded_generator(seed + self.dist.rank)
-        self.env.reset_task(tasks[mine])
         inner_steps = c.inner_steps if c.method == "maml" else 0
         sampled = list(self._sample_adapting(inner_steps, c.rollouts, generator,
                                              lambda k: c.inner_lr))
         pre = [data for _, data in sampled[:-1]]
         adapted, post = sampled[-1]
-        sample_time = time.perf_counter() - start
         with torch.no_grad():
             loc, scale = action_distribution(self.policy, adapted, post.episodes.obs,
                                              per_task=inner_steps > 0)
@@ -111,48 +90,15 @@ class MAMLRL(PolicyLearner):
             return meta_objective(self.policy, p, pre, post, old, lr=c.inner_lr,
                                   first_order=c.first_order, tasks=subset)
 
-        curvature = None
-        if c.fvp_fraction < 1:
-            local = len(post.advantages)
-            subset = torch.randperm(local, generator=generator, device="cpu")[
-                :max(1, round(c.fvp_fraction * local))].tolist()
-            curvature = lambda p: objective(p, subset)[1]  # noqa: E731
-        params = self.params()
-        result = trpo_step(objective, params, max_kl=c.max_kl, cg_iters=c.cg_iters,
-                           cg_damping=c.cg_damping, ls_steps=c.ls_steps,
-                           ls_backtrack=c.ls_backtrack, hvp=c.hvp, curvature=curvature,
-                           reduce=reduce)
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(result.params[name])
-        self.iteration += 1
-        unadapted = sampled[0][1].episodes
-        returns = reduce(torch.stack([unadapted.returns().mean(),
-                                      post.episodes.returns().mean()]))
-        return {
-            "iteration": float(self.iteration),
-            "pre_return": float(returns[0]),
-            "post_return": float(returns[1]),
-            "surrogate_before": result.loss_before,
-            "surrogate_after": result.loss_after,
-            "kl": result.kl,
-            "step_fraction": result.step_fraction,
-            "sample_seconds": sample_time,
-            "seconds": time.perf_counter() - start,
-        }
+        return MetaBatch(objective, len(post.advantages), sampled[0][1].episodes,
+                         post.episodes)
 
-    def adaptation(self, tasks: Tensor, steps: int, rollouts: int, seed: int
-                   ) -> Iterator[Episodes]:
-        """The episodes on ``tasks`` after 0, 1, …, ``steps`` adaptation steps (α = inner_lr
-        for the first, eval_inner_lr after; each step adapts on the episodes yielded before it),
-        sampled with a generator of its own seeded by ``seed``."""
-        if not isinstance(steps, int) or steps < 0:
-            raise ConfigError(f"steps must be an integer >= 0, got {steps!r}")
-        if not isinstance(rollouts, int) or rollouts < 1:
-            raise ConfigError(f"rollouts must be a positive integer, got {rollouts!r}")
+    def _adaptation(self, steps: int, rollouts: int, generator: torch.Generator
+                    ) -> Iterator[Episodes]:
+        """α = inner_lr for the first step, eval_inner_lr after; each step adapts on the
+        episodes yielded before it."""
         c = self.config
-        self.env.reset_task(tasks)
         for _, data in self._sample_adapting(
-                steps, rollouts, seeded_generator(seed),
+                steps, rollouts, generator,
                 lambda k: c.inner_lr if k == 0 else c.eval_inner_lr):
             yield data.episodes

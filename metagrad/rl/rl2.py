@@ -40,7 +40,6 @@ episodes (RL²'s adaptation is its hidden state, which has seen k episodes of th
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -48,13 +47,11 @@ from torch import Tensor
 from torch.distributions import Normal, kl_divergence
 
 from metagrad.core.functional import Params
-from metagrad.errors import ConfigError
 from metagrad.models.policies import GaussianGRUPolicy, RecurrentState
 from metagrad.rl.envs import BatchedEnv
-from metagrad.rl.learner import PolicyLearner, seeded_generator
+from metagrad.rl.learner import MetaBatch, PolicyLearner
 from metagrad.rl.objectives import OldPolicy, TaskData, compute_advantages
 from metagrad.rl.sampler import Episodes, sample_episodes
-from metagrad.rl.trpo import trpo_step
 
 
 class _TrialPolicy:
@@ -193,28 +190,15 @@ class RL2(PolicyLearner):
     policy_class = GaussianGRUPolicy
     checkpoint_kind = "RL²"
 
-    def meta_step(self, tasks: Tensor | None = None) -> dict[str, float]:
-        """One meta-iteration on ``tasks`` (default: a fresh meta-batch): ``rollouts`` trials of
-        ``rl2_episodes`` episodes per task, then one TRPO step. Metrics: ``pre_return`` (the
-        trials' first episodes) and ``post_return`` (their last), as MAML-RL's before and after
-        adaptation. Data-parallel under ``torch.distributed`` as :meth:`MAMLRL.meta_step`."""
+    def _sample_meta_batch(self, generator: torch.Generator) -> MetaBatch:
+        """``rollouts`` trials of ``rl2_episodes`` episodes per task; the objective is
+        :func:`trial_objective` on whole trials. ``pre_return``/``post_return`` are the trials'
+        first and last episodes, as MAML-RL's before and after adaptation."""
         c = self.config
-        start = time.perf_counter()
-        tasks = self.sample_tasks() if tasks is None else tasks
-        mine = self.dist.part(len(tasks))
-        share = (mine.stop - mine.start) / len(tasks)
-
-        def reduce(t: Tensor) -> Tensor:
-            return self.dist.reduce(t, share)
-
-        seed = int(torch.randint(2**62, (), generator=self.generator, device="cpu"))
-        generator = seeded_generator(seed + self.dist.rank)
-        self.env.reset_task(tasks[mine])
         episodes = sample_trials(self.policy, self.env, c.rl2_episodes, c.rollouts, generator)
         trial, inputs = whole_trials(episodes)
         data = TaskData(trial, compute_advantages(trial, c.gamma, c.gae_lambda,
                                                   c.normalize_advantages, self.baseline))
-        sample_time = time.perf_counter() - start
         with torch.no_grad():
             dist, _ = self.policy(inputs)
             old = OldPolicy(dist.log_prob(trial.actions).sum(-1), dist.loc, dist.scale)
@@ -222,42 +206,10 @@ class RL2(PolicyLearner):
         def objective(p: Params, subset: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
             return trial_objective(self.policy, p, data, inputs, old, subset)
 
-        curvature = None
-        if c.fvp_fraction < 1:
-            local = len(data.advantages)
-            subset = torch.randperm(local, generator=generator, device="cpu")[
-                :max(1, round(c.fvp_fraction * local))].tolist()
-            curvature = lambda p: objective(p, subset)[1]  # noqa: E731
-        params = self.params()
-        result = trpo_step(objective, params, max_kl=c.max_kl, cg_iters=c.cg_iters,
-                           cg_damping=c.cg_damping, ls_steps=c.ls_steps,
-                           ls_backtrack=c.ls_backtrack, hvp=c.hvp, curvature=curvature,
-                           reduce=reduce)
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(result.params[name])
-        self.iteration += 1
-        returns = reduce(torch.stack([episodes[0].returns().mean(),
-                                      episodes[-1].returns().mean()]))
-        return {
-            "iteration": float(self.iteration),
-            "pre_return": float(returns[0]),
-            "post_return": float(returns[1]),
-            "surrogate_before": result.loss_before,
-            "surrogate_after": result.loss_after,
-            "kl": result.kl,
-            "step_fraction": result.step_fraction,
-            "sample_seconds": sample_time,
-            "seconds": time.perf_counter() - start,
-        }
+        return MetaBatch(objective, len(data.advantages), episodes[0], episodes[-1])
 
-    def adaptation(self, tasks: Tensor, steps: int, rollouts: int, seed: int
-                   ) -> Iterator[Episodes]:
-        """The 1st, …, (``steps`` + 1)-th episodes of ``rollouts`` trials on each of ``tasks``
-        (:func:`sample_trials`), sampled with a generator of its own seeded by ``seed``."""
-        if not isinstance(steps, int) or steps < 0:
-            raise ConfigError(f"steps must be an integer >= 0, got {steps!r}")
-        if not isinstance(rollouts, int) or rollouts < 1:
-            raise ConfigError(f"rollouts must be a positive integer, got {rollouts!r}")
-        self.env.reset_task(tasks)
-        yield from sample_trials(self.policy, self.env, steps + 1, rollouts, seeded_generator(seed))
+    def _adaptation(self, steps: int, rollouts: int, generator: torch.Generator
+                    ) -> Iterator[Episodes]:
+        """The 1st, …, (``steps`` + 1)-th episodes of ``rollouts`` trials on each task
+        (:func:`sample_trials`)."""
+        yield from sample_trials(self.policy, self.env, steps + 1, rollouts, generator)
