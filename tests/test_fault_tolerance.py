@@ -4,6 +4,7 @@ connection is reset), it exits with a one-line error, and torchrun ends the job.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,8 +77,14 @@ def test_killing_one_worker_stops_the_job_cleanly_and_resume_continues(tmp_path,
             agent.kill()
             agent.wait()
     assert agent.returncode != 0, out[-3000:]
-    # the survivor's collective failed at once: one line saying what happened and what to do
-    assert "metagrad: error: another process of this torchrun job died" in out, out[-3000:]
+    # the survivor's collective failed at once: one line saying what happened and what to do;
+    # unless torchrun's SIGTERM (sent when it sees the dead worker) reached the survivor in the
+    # moment between its failed collective and that line, after the training loop had given the
+    # signal back its default action: then torchrun reports the survivor as terminated
+    survivor_reported = "metagrad: error: another process of this torchrun job died" in out
+    survivor_terminated = re.search(
+        rf"rank\s*: {1 - killed} \(local_rank: {1 - killed}\)\s*exitcode\s*: -15", out)
+    assert survivor_reported or survivor_terminated, out[-3000:]
     assert f"[rank{1 - killed}]: Traceback" not in out
     assert time.time() - killed_at < 120
     assert not [p for p in workers.values() if Path(f"/proc/{p}").exists()]  # no orphans
