@@ -125,8 +125,17 @@ class Locomotion:
         self._ctrl_low = torch.as_tensor(low, dtype=torch.float32, device="cpu")
         self._ctrl_high = torch.as_tensor(high, dtype=torch.float32, device="cpu")
         self.tasks = torch.zeros(0, device="cpu")
-        self._state = np.empty((0, self._nstate))
         self._shape: tuple[int, int] = (0, 0)
+        self._allocate(0)
+
+    def _allocate(self, n: int) -> None:
+        """The buffers of ``n`` environments: their states, every physics step's state written by
+        the rollout, the held controls, and one model reference per environment (the rollout's
+        argument, given without its per-call checks and copies)."""
+        self._state = np.empty((n, self._nstate))
+        self._states = np.empty((n, self.frame_skip, self._nstate))
+        self._control = np.empty((n, self.frame_skip, self.act_dim))
+        self._models = [self.model] * n
 
     def sample_tasks(self, n: int, generator: torch.Generator) -> Tensor:
         """Goal velocities U[0, max] (``vel``) or directions ±1 (``dir``), shape ``[n]``."""
@@ -150,7 +159,9 @@ class Locomotion:
                               device=generator.device) * 2 - 1)
         noise_v = torch.randn(n, nv, generator=generator, dtype=torch.float64,
                               device=generator.device)
-        self._state = np.repeat(self._initial[None], n, axis=0)
+        if len(self._state) != n:
+            self._allocate(n)
+        self._state[:] = self._initial
         self._state[:, self._qpos] += self.reset_noise * noise_q.cpu().numpy()
         self._state[:, self._qvel] += self.reset_noise * noise_v.cpu().numpy()
         self._shape = (len(self.tasks), rollouts)
@@ -169,11 +180,11 @@ class Locomotion:
             )
         action = torch.maximum(torch.minimum(actions.detach().float().cpu(), self._ctrl_high),
                                self._ctrl_low)
-        control = action.reshape(-1, 1, self.act_dim).double().numpy()
+        self._control[:] = action.view(-1, 1, self.act_dim).numpy()
         x_before = self._state[:, self._qpos.start].copy()
-        states, _ = self._rollout.rollout(self.model, self._data, self._state, control,
-                                          nstep=self.frame_skip)
-        self._state = states[:, -1]
+        self._rollout.rollout(self._models, self._data, self._state, self._control,
+                              nstep=self.frame_skip, state=self._states, skip_checks=True)
+        self._state[:] = self._states[:, -1]
         velocity = torch.from_numpy((self._state[:, self._qpos.start] - x_before) / self.dt)
         velocity = velocity.float().view(self._shape)
         goal = self.tasks[:, None]
