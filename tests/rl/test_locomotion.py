@@ -13,6 +13,7 @@ from metagrad.rl.envs import make_env
 
 mujoco = pytest.importorskip("mujoco", reason="MuJoCo tasks need: pip install 'metagrad[rl]'")
 
+from metagrad.rl.envs.locomotion import default_threads  # noqa: E402
 from metagrad.rl.maml_rl import MAMLRL, RLConfig  # noqa: E402
 
 
@@ -135,3 +136,8 @@ def test_dynamics_and_rewards_match_gymnasium(name, goal, monkeypatch):
         torch.testing.assert_close(obs.view(-1), torch.from_numpy(expected_obs).float())
         torch.testing.assert_close(reward.view(()), torch.tensor(expected_reward).float())
 
+
+def test_threads_default_to_the_available_cpus():
+    assert RLConfig().env_threads is None
+    env = make_env("AntDir", horizon=2)
+    assert env._rollout.nthread == default_threads() and len(env._data) == max(default_threads(), 1)

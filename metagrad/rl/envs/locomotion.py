@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.resources
+import os
 import re
 from dataclasses import dataclass
 from types import ModuleType
@@ -76,7 +77,9 @@ class Locomotion:
 
     Args:
         horizon: episode length H (None: 200).
-        nthread: MuJoCo rollout threads (0 = the calling thread).
+        nthread: MuJoCo rollout threads (0 = the calling thread; None: one per CPU this process
+            may run on, :func:`default_threads`). Every environment is simulated from its own
+            state by one thread, so the results do not depend on it.
         frame_skip: physics steps per action.
         device: where observations, rewards and tasks are returned (MuJoCo simulates on the CPU).
     """
@@ -85,9 +88,10 @@ class Locomotion:
     default_horizon = 200
 
     def __init__(self, robot: Literal["half_cheetah", "ant"], task: Literal["vel", "dir"], *,
-                 horizon: int | None = None, nthread: int = 0, frame_skip: int = 5,
+                 horizon: int | None = None, nthread: int | None = None, frame_skip: int = 5,
                  device: torch.device | str = "cpu") -> None:
         horizon = self.default_horizon if horizon is None else horizon
+        nthread = default_threads() if nthread is None else nthread
         if robot not in ROBOTS:
             raise ConfigError(f"robot must be one of {sorted(ROBOTS)}, got {robot!r}")
         if task not in ("vel", "dir"):
@@ -196,6 +200,13 @@ class Locomotion:
     def close(self) -> None:
         """Frees the rollout thread pool."""
         self._rollout.close()
+
+
+def default_threads() -> int:
+    """Rollout threads when none are given: one per CPU this process may run on (0, the calling
+    thread, when that is a single CPU)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cpus if cpus and cpus > 1 else 0
 
 
 def from_config(robot: Literal["half_cheetah", "ant"], task: Literal["vel", "dir"],
