@@ -4,7 +4,10 @@ The robots are gymnasium's ``HalfCheetah-v5`` / ``Ant-v5`` models (same XML, fra
 dt = 0.05, same reset noise: qpos + U(−0.1, 0.1), qvel + 0.1·N(0, 1), the same observations
 without x (and y for the ant); the ant's contact forces are left out). Every step advances all
 tasks × rollouts at once with :func:`mujoco.rollout` (``frame_skip`` physics steps from the
-batch of states, the action held fixed), not through a Python loop over environments.
+batch of states, the action held fixed), not through a Python loop over environments. Each
+environment evolves exactly as one ``MjData`` stepped by ``mj_step`` whose constraint solver
+starts every action from a zero warm start (gymnasium carries the warm start over; the
+observations agree to float32 precision, ``tests/rl/test_locomotion.py``).
 
 Rewards (v = forward velocity Δx/dt, a = action clipped to [−1, 1]); the costs follow the MAML
 authors' rllab environments:
