@@ -82,8 +82,8 @@ def locomotion_sampling(env_name: str, horizon: int, rounds: int) -> None:
 
     env._rollout.rollout = timed_rollout
     variants = {"calling thread": on_caller,
-                f"{default_threads()} rollout threads": sampler(env_name, horizon,
-                                                                LOCOMOTION_TASKS)[1]}
+                f"default env_threads ({default_threads()})":
+                    sampler(env_name, horizon, LOCOMOTION_TASKS)[1]}
     for run in variants.values():
         run()
     times: dict[str, list[float]] = {label: [] for label in variants}
