@@ -3,9 +3,11 @@
     python benchmarks/bench_rl.py [--threads 1] [--iterations 3]
 
 * 2-D navigation sampling (20 tasks × 20 rollouts × H = 100) with the policy in the loop;
-* HalfCheetah stepping: metagrad's batched ``mujoco.rollout`` env (with and without the policy),
-  gymnasium's ``SyncVectorEnv`` of ``HalfCheetah-v5``, and a Python loop of ``mj_step`` over one
-  ``MjData`` per environment;
+* HalfCheetah and Ant sampling with the policy in the loop at the paper's locomotion batch (40
+  tasks × 20 rollouts), the batched ``mujoco.rollout`` on the calling thread against the default
+  rollout threads (interleaved, median), and the share of that time spent in the physics;
+* HalfCheetah stepping: metagrad's batched env without the policy, gymnasium's ``SyncVectorEnv``
+  of ``HalfCheetah-v5``, and a Python loop of ``mj_step`` over one ``MjData`` per environment;
 * seconds per MAML meta-iteration on 2-D navigation at paper scale (sampling included): exact and
   finite-difference Hessian-vector products, the Fisher on a share of the tasks, first order
   (interleaved, median and min).
@@ -26,11 +28,13 @@ import torch
 
 from metagrad.errors import ConfigError
 from metagrad.models.policies import GaussianMLPPolicy
-from metagrad.rl.envs import make_env
+from metagrad.rl.envs import BatchedEnv, make_env
+from metagrad.rl.envs.locomotion import default_threads
 from metagrad.rl.maml_rl import MAMLRL, RLConfig
 from metagrad.rl.sampler import sample_episodes
 
 TASKS, ROLLOUTS = 20, 20
+LOCOMOTION_TASKS = 40
 
 
 def best_rate(steps: int, run: Callable[[], object], repeats: int = 3) -> float:
@@ -46,14 +50,58 @@ def _timed(run: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def sampling_rate(env_name: str, horizon: int) -> float:
-    env = make_env(env_name, horizon=horizon)
+def sampler(env_name: str, horizon: int, tasks: int = TASKS,
+            **settings: object) -> tuple[BatchedEnv, Callable[[], object]]:
+    """The env and one call of ``sample_episodes`` (GaussianMLPPolicy 100-100) on it, ``tasks`` ×
+    ``ROLLOUTS`` episodes."""
+    env = make_env(env_name, horizon=horizon, **settings)
     generator = torch.Generator().manual_seed(0)
-    env.reset_task(env.sample_tasks(TASKS, generator))
+    env.reset_task(env.sample_tasks(tasks, generator))
     policy = GaussianMLPPolicy(env.obs_dim, env.act_dim)
     params = {n: p.detach() for n, p in policy.named_parameters()}
-    steps = TASKS * ROLLOUTS * horizon
-    return best_rate(steps, lambda: sample_episodes(policy, params, env, ROLLOUTS, generator))
+    return env, lambda: sample_episodes(policy, params, env, ROLLOUTS, generator)
+
+
+def sampling_rate(env_name: str, horizon: int) -> float:
+    return best_rate(TASKS * ROLLOUTS * horizon, sampler(env_name, horizon)[1])
+
+
+def locomotion_sampling(env_name: str, horizon: int, rounds: int) -> None:
+    """Prints the sampling rate with the rollout on the calling thread and with the default
+    threads (interleaved, median of ``rounds`` after a warm-up each), and the share of the
+    calling thread's sampling time spent inside ``mujoco.rollout`` (the physics)."""
+    env, on_caller = sampler(env_name, horizon, LOCOMOTION_TASKS, env_threads=0)
+    physics: list[float] = []
+    rollout = env._rollout.rollout
+
+    def timed_rollout(*args: object, **kwargs: object) -> object:
+        start = time.perf_counter()
+        result = rollout(*args, **kwargs)
+        physics.append(time.perf_counter() - start)
+        return result
+
+    env._rollout.rollout = timed_rollout
+    variants = {"calling thread": on_caller,
+                f"default env_threads ({default_threads()})":
+                    sampler(env_name, horizon, LOCOMOTION_TASKS)[1]}
+    for run in variants.values():
+        run()
+    times: dict[str, list[float]] = {label: [] for label in variants}
+    shares = []
+    for _ in range(rounds):
+        for label, run in variants.items():
+            physics.clear()
+            times[label].append(_timed(run))
+            if run is on_caller:
+                shares.append(sum(physics) / times[label][-1])
+    steps = LOCOMOTION_TASKS * ROLLOUTS * horizon
+    first = statistics.median(times["calling thread"])
+    for label, seconds in times.items():
+        median = statistics.median(seconds)
+        print(f"{env_name} + policy, {label}: {steps / median:,.0f} steps/s (median of {rounds}), "
+              f"{first / median:.2f}x the calling thread")
+    print(f"{env_name}: physics (mujoco.rollout) {statistics.median(shares):.0%} of the sampling "
+          "time on the calling thread")
 
 
 def cheetah_env_rate(horizon: int) -> float:
@@ -143,24 +191,32 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=5,
                         help="timed meta-iterations per setting (interleaved)")
-    parser.add_argument("--cheetah-horizon", type=int, default=50)
+    parser.add_argument("--locomotion-horizon", type=int, default=50,
+                        help="episode length of the locomotion measurements")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds of the locomotion sampling rates")
+    parser.add_argument("--no-meta-iterations", action="store_true",
+                        help="only the sampling and stepping rates")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {TASKS} tasks x {ROLLOUTS} "
-          "rollouts")
+          f"rollouts; load average {os.getloadavg()[0]:.2f}")
     print(f"navigation2d sampling (policy in loop): {sampling_rate('navigation2d', 100):,.0f} "
           "steps/s")
-    h = args.cheetah_horizon
+    h = args.locomotion_horizon
     try:
-        print(f"HalfCheetah mujoco.rollout env + policy: {sampling_rate('HalfCheetahVel', h):,.0f}"
-              " steps/s")
+        for name in ("HalfCheetahVel", "AntVel"):
+            locomotion_sampling(name, h, args.rounds)
         print(f"HalfCheetah mujoco.rollout env alone:    {cheetah_env_rate(h):,.0f} steps/s")
         print(f"HalfCheetah python loop of mj_step:      {mj_step_loop_rate(h):,.0f} steps/s")
         rate = gymnasium_vector_rate(h)
         shown = f"{rate:,.0f} steps/s" if isinstance(rate, float) else rate
         print(f"HalfCheetah-v5 gymnasium SyncVectorEnv:  {shown}")
     except ConfigError as error:
-        print(f"HalfCheetah: skipped ({error})")
+        print(f"locomotion: skipped ({error})")
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    if args.no_meta_iterations:
+        return
     times = meta_iteration_seconds(args.iterations)
     reference = statistics.median(next(iter(times.values())))
     for label, seconds in times.items():

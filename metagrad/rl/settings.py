@@ -84,8 +84,9 @@ class RLConfig:
     threads: int | None = setting(None, "torch intra-op threads (None: torch's default).", min=1)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N (under torchrun: the local rank's "
                           "GPU): where the policy is trained.")
-    env_threads: int = setting(0, "MuJoCo environments: threads of the batched mujoco.rollout "
-                               "(0 = the calling thread).", min=0)
+    env_threads: int | None = setting(
+        None, "MuJoCo environments: threads of the batched mujoco.rollout (0 = the calling "
+        "thread; None = one per CPU available; results do not depend on it).", min=0)
 
     def __post_init__(self) -> None:
         validate_fields(self)

@@ -1,7 +1,10 @@
 """MuJoCo locomotion tasks (skipped without the optional ``mujoco``)."""
 
+import importlib.util
 import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +13,7 @@ from metagrad.rl.envs import make_env
 
 mujoco = pytest.importorskip("mujoco", reason="MuJoCo tasks need: pip install 'metagrad[rl]'")
 
+from metagrad.rl.envs.locomotion import default_threads  # noqa: E402
 from metagrad.rl.maml_rl import MAMLRL, RLConfig  # noqa: E402
 
 
@@ -20,7 +24,7 @@ def test_missing_mujoco_is_a_config_error(monkeypatch):
 
 
 def test_half_cheetah_vel_reward_and_determinism():
-    env = make_env("HalfCheetahVel", horizon=5)
+    env = make_env("HalfCheetahVel", horizon=5, env_threads=0)
     assert (env.obs_dim, env.act_dim) == (17, 6)
     env.reset_task(torch.tensor([1.5, 0.0]))
     obs = env.reset(2, torch.Generator().manual_seed(0))
@@ -55,3 +59,85 @@ def test_half_cheetah_vel_meta_steps_smoke():
         metrics = trainer.meta_step()
         assert torch.isfinite(torch.tensor(list(metrics.values()))).all()
     assert len(trainer.evaluate(steps=1, rollouts=2)) == 2
+
+
+def _actions(steps: int, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Actions in [−1.5, 1.5]: about a third of them outside the control range."""
+    return (torch.rand(steps, *shape, generator=torch.Generator().manual_seed(seed)) * 3 - 1.5)
+
+
+@pytest.mark.parametrize("name", ["AntVel", "HalfCheetahDir"])
+@pytest.mark.parametrize("threads", [0, 2])
+def test_rollout_is_bit_identical_to_a_loop_of_mj_step(name, threads):
+    """Every environment evolves exactly as one MjData stepped by ``mj_step``: each action held
+    for ``frame_skip`` steps, from a zero solver warm start (the batched rollout starts every
+    action's steps from the stored state alone)."""
+    env = make_env(name, horizon=20, env_threads=threads)
+    env.reset_task(torch.tensor([0.5, 1.0]))
+    env.reset(3, torch.Generator().manual_seed(0))
+    full = mujoco.mjtState.mjSTATE_FULLPHYSICS
+    datas = [mujoco.MjData(env.model) for _ in range(6)]
+    for d, state in zip(datas, env._state, strict=True):
+        mujoco.mj_setState(env.model, d, state, full)
+    low, high = env.model.actuator_ctrlrange.T
+    for action in _actions(20, (2, 3, env.act_dim)):
+        env.step(action)
+        for d, a, state in zip(datas, action.reshape(6, -1).double().numpy(), env._state,
+                               strict=True):
+            d.qacc_warmstart[:] = 0
+            d.ctrl[:] = np.clip(a, low, high)
+            mujoco.mj_step(env.model, d, nstep=env.frame_skip)
+            expected = np.empty_like(state)
+            mujoco.mj_getState(env.model, d, expected, full)
+            np.testing.assert_array_equal(state, expected)
+
+
+GYMNASIUM = {
+    "half_cheetah": ("HalfCheetah-v5", {}),
+    "ant": ("Ant-v5", {"terminate_when_unhealthy": False,
+                       "include_cfrc_ext_in_observation": False}),
+}
+
+
+@pytest.mark.parametrize(("name", "goal"), [("AntDir", -1.0), ("AntVel", 1.3),
+                                            ("HalfCheetahVel", 1.3), ("HalfCheetahDir", -1.0)])
+def test_dynamics_and_rewards_match_gymnasium(name, goal, monkeypatch):
+    """One rollout, step by step, against gymnasium's v5 environment from the same state with the
+    same actions (a third outside [−1, 1]): the same observations, and the module doc's task
+    reward of gymnasium's forward velocity and the clipped action.
+
+    Ant-v5's ``info["x_velocity"]`` differs from the velocity of the step: it is taken from the
+    torso's ``xpos``, which ``mj_step`` leaves at the last Runge–Kutta stage rather than at the
+    step's end (here by up to 2 mm, 0.04 in velocity); the ant's velocity is therefore taken from
+    gymnasium's ``qpos``, which HalfCheetah-v5's ``x_velocity`` is."""
+    gym = pytest.importorskip("gymnasium")
+    if importlib.util.find_spec("imageio") is None:  # imported by gymnasium's renderer only
+        monkeypatch.setitem(sys.modules, "imageio", types.ModuleType("imageio"))
+    env = make_env(name, horizon=50)
+    gym_id, options = GYMNASIUM["ant" if name.startswith("Ant") else "half_cheetah"]
+    reference = gym.make(gym_id, frame_skip=5, **options).unwrapped
+    reference.reset(seed=0)
+    env.reset_task(torch.tensor([goal]))
+    env.reset(1, torch.Generator().manual_seed(0))
+    reference.set_state(env._state[0, env._qpos], env._state[0, env._qvel])
+    ctrl_cost, bonus = (0.005, 0.05) if name.startswith("Ant") else (0.05, 0.0)
+    bonus += 1.0 if name == "AntVel" else 0.0
+    for action in _actions(50, (1, 1, env.act_dim)):
+        x_before = reference.data.qpos[0]
+        expected_obs, _, terminated, _, info = reference.step(action.view(-1).numpy())
+        velocity = (reference.data.qpos[0] - x_before) / reference.dt
+        if gym_id == "HalfCheetah-v5":
+            assert info["x_velocity"] == velocity
+        clipped = action.view(-1).double().clamp(-1, 1)
+        forward = -abs(velocity - goal) if name.endswith("Vel") else goal * velocity
+        expected_reward = forward + bonus - ctrl_cost * clipped.square().sum().item()
+        obs, reward, _ = env.step(action)
+        assert not terminated
+        torch.testing.assert_close(obs.view(-1), torch.from_numpy(expected_obs).float())
+        torch.testing.assert_close(reward.view(()), torch.tensor(expected_reward).float())
+
+
+def test_threads_default_to_the_available_cpus():
+    assert RLConfig().env_threads is None
+    env = make_env("AntDir", horizon=2)
+    assert env._rollout.nthread == default_threads() and len(env._data) == max(default_threads(), 1)

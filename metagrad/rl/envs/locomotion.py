@@ -4,7 +4,10 @@ The robots are gymnasium's ``HalfCheetah-v5`` / ``Ant-v5`` models (same XML, fra
 dt = 0.05, same reset noise: qpos + U(−0.1, 0.1), qvel + 0.1·N(0, 1), the same observations
 without x (and y for the ant); the ant's contact forces are left out). Every step advances all
 tasks × rollouts at once with :func:`mujoco.rollout` (``frame_skip`` physics steps from the
-batch of states, the action held fixed), not through a Python loop over environments.
+batch of states, the action held fixed), not through a Python loop over environments. Each
+environment evolves exactly as one ``MjData`` stepped by ``mj_step`` whose constraint solver
+starts every action from a zero warm start (gymnasium carries the warm start over; the
+observations agree to float32 precision, ``tests/rl/test_locomotion.py``).
 
 Rewards (v = forward velocity Δx/dt, a = action clipped to [−1, 1]); the costs follow the MAML
 authors' rllab environments:
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.resources
+import os
 import re
 from dataclasses import dataclass
 from types import ModuleType
@@ -76,7 +80,9 @@ class Locomotion:
 
     Args:
         horizon: episode length H (None: 200).
-        nthread: MuJoCo rollout threads (0 = the calling thread).
+        nthread: MuJoCo rollout threads (0 = the calling thread; None: one per CPU this process
+            may run on, :func:`default_threads`). Every environment is simulated from its own
+            state by one thread, so the results do not depend on it.
         frame_skip: physics steps per action.
         device: where observations, rewards and tasks are returned (MuJoCo simulates on the CPU).
     """
@@ -85,9 +91,10 @@ class Locomotion:
     default_horizon = 200
 
     def __init__(self, robot: Literal["half_cheetah", "ant"], task: Literal["vel", "dir"], *,
-                 horizon: int | None = None, nthread: int = 0, frame_skip: int = 5,
+                 horizon: int | None = None, nthread: int | None = None, frame_skip: int = 5,
                  device: torch.device | str = "cpu") -> None:
         horizon = self.default_horizon if horizon is None else horizon
+        nthread = default_threads() if nthread is None else nthread
         if robot not in ROBOTS:
             raise ConfigError(f"robot must be one of {sorted(ROBOTS)}, got {robot!r}")
         if task not in ("vel", "dir"):
@@ -125,8 +132,17 @@ class Locomotion:
         self._ctrl_low = torch.as_tensor(low, dtype=torch.float32, device="cpu")
         self._ctrl_high = torch.as_tensor(high, dtype=torch.float32, device="cpu")
         self.tasks = torch.zeros(0, device="cpu")
-        self._state = np.empty((0, self._nstate))
         self._shape: tuple[int, int] = (0, 0)
+        self._allocate(0)
+
+    def _allocate(self, n: int) -> None:
+        """The buffers of ``n`` environments: their states, every physics step's state written by
+        the rollout, the held controls, and one model reference per environment (the rollout's
+        argument, given without its per-call checks and copies)."""
+        self._state = np.empty((n, self._nstate))
+        self._states = np.empty((n, self.frame_skip, self._nstate))
+        self._control = np.empty((n, self.frame_skip, self.act_dim))
+        self._models = [self.model] * n
 
     def sample_tasks(self, n: int, generator: torch.Generator) -> Tensor:
         """Goal velocities U[0, max] (``vel``) or directions ±1 (``dir``), shape ``[n]``."""
@@ -150,7 +166,9 @@ class Locomotion:
                               device=generator.device) * 2 - 1)
         noise_v = torch.randn(n, nv, generator=generator, dtype=torch.float64,
                               device=generator.device)
-        self._state = np.repeat(self._initial[None], n, axis=0)
+        if len(self._state) != n:
+            self._allocate(n)
+        self._state[:] = self._initial
         self._state[:, self._qpos] += self.reset_noise * noise_q.cpu().numpy()
         self._state[:, self._qvel] += self.reset_noise * noise_v.cpu().numpy()
         self._shape = (len(self.tasks), rollouts)
@@ -169,11 +187,11 @@ class Locomotion:
             )
         action = torch.maximum(torch.minimum(actions.detach().float().cpu(), self._ctrl_high),
                                self._ctrl_low)
-        control = action.reshape(-1, 1, self.act_dim).double().numpy()
+        self._control[:] = action.view(-1, 1, self.act_dim).numpy()
         x_before = self._state[:, self._qpos.start].copy()
-        states, _ = self._rollout.rollout(self.model, self._data, self._state, control,
-                                          nstep=self.frame_skip)
-        self._state = states[:, -1]
+        self._rollout.rollout(self._models, self._data, self._state, self._control,
+                              nstep=self.frame_skip, state=self._states, skip_checks=True)
+        self._state[:] = self._states[:, -1]
         velocity = torch.from_numpy((self._state[:, self._qpos.start] - x_before) / self.dt)
         velocity = velocity.float().view(self._shape)
         goal = self.tasks[:, None]
@@ -185,6 +203,13 @@ class Locomotion:
     def close(self) -> None:
         """Frees the rollout thread pool."""
         self._rollout.close()
+
+
+def default_threads() -> int:
+    """Rollout threads when none are given: one per CPU this process may run on (0, the calling
+    thread, when that is a single CPU)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cpus if cpus and cpus > 1 else 0
 
 
 def from_config(robot: Literal["half_cheetah", "ant"], task: Literal["vel", "dir"],
