@@ -23,8 +23,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/metagrad train sinusoid --preset quick --out runs/sinusoid-quick-$$(date +%Y%m%d-%H%M%S)
 
+# -n 2: one pytest-xdist worker per core of the CI machine (tests/conftest.py gives each one
+# thread); worksteal balances the few long learning tests
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check metagrad tests benchmarks examples tools

@@ -1,8 +1,6 @@
 """MuJoCo locomotion tasks (skipped without the optional ``mujoco``)."""
 
-import importlib.util
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -101,7 +99,7 @@ GYMNASIUM = {
 
 @pytest.mark.parametrize(("name", "goal"), [("AntDir", -1.0), ("AntVel", 1.3),
                                             ("HalfCheetahVel", 1.3), ("HalfCheetahDir", -1.0)])
-def test_dynamics_and_rewards_match_gymnasium(name, goal, monkeypatch):
+def test_dynamics_and_rewards_match_gymnasium(name, goal):
     """One rollout, step by step, against gymnasium's v5 environment from the same state with the
     same actions (a third outside [−1, 1]): the same observations, and the module doc's task
     reward of gymnasium's forward velocity and the clipped action.
@@ -111,8 +109,6 @@ def test_dynamics_and_rewards_match_gymnasium(name, goal, monkeypatch):
     step's end (here by up to 2 mm, 0.04 in velocity); the ant's velocity is therefore taken from
     gymnasium's ``qpos``, which HalfCheetah-v5's ``x_velocity`` is."""
     gym = pytest.importorskip("gymnasium")
-    if importlib.util.find_spec("imageio") is None:  # imported by gymnasium's renderer only
-        monkeypatch.setitem(sys.modules, "imageio", types.ModuleType("imageio"))
     env = make_env(name, horizon=50)
     gym_id, options = GYMNASIUM["ant" if name.startswith("Ant") else "half_cheetah"]
     reference = gym.make(gym_id, frame_skip=5, **options).unwrapped
