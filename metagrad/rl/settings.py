@@ -86,7 +86,7 @@ class RLConfig:
                           "GPU): where the policy is trained.")
     env_threads: int | None = setting(
         None, "MuJoCo environments: threads of the batched mujoco.rollout (0 = the calling "
-        "thread; None = one per CPU available; results do not depend on it).", min=0)
+        "thread; None = this process's share of the CPUs; results do not depend on it).", min=0)
 
     def __post_init__(self) -> None:
         validate_fields(self)

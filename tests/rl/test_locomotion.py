@@ -137,3 +137,13 @@ def test_threads_default_to_the_available_cpus():
     assert RLConfig().env_threads is None
     env = make_env("AntDir", horizon=2)
     assert env._rollout.nthread == default_threads() and len(env._data) == max(default_threads(), 1)
+
+
+def test_default_threads_share_the_cpus_among_torchrun_processes(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_threads() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_threads() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_threads() == 0  # one CPU each: the calling thread

@@ -80,8 +80,8 @@ class Locomotion:
 
     Args:
         horizon: episode length H (None: 200).
-        nthread: MuJoCo rollout threads (0 = the calling thread; None: one per CPU this process
-            may run on, :func:`default_threads`). Every environment is simulated from its own
+        nthread: MuJoCo rollout threads (0 = the calling thread; None: this process's share of
+            the CPUs, :func:`default_threads`). Every environment is simulated from its own
             state by one thread, so the results do not depend on it.
         frame_skip: physics steps per action.
         device: where observations, rewards and tasks are returned (MuJoCo simulates on the CPU).
@@ -206,10 +206,12 @@ class Locomotion:
 
 
 def default_threads() -> int:
-    """Rollout threads when none are given: one per CPU this process may run on (0, the calling
-    thread, when that is a single CPU)."""
+    """Rollout threads when none are given: this process's share of the CPUs it may run on
+    (shared among ``torchrun``'s ``LOCAL_WORLD_SIZE`` processes of this machine); 0, the calling
+    thread, when that share is a single CPU."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return cpus if cpus and cpus > 1 else 0
+    share = (cpus or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return share if share > 1 else 0
 
 
 def from_config(robot: Literal["half_cheetah", "ant"], task: Literal["vel", "dir"],
