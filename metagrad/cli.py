@@ -228,8 +228,12 @@ def _resolve(args: argparse.Namespace, values: dict[str, Any]) -> Any:
 
 
 def _eval_dir(run_dir: Path, which: str, tasks: int | None) -> Path:
-    """A new folder for an evaluation, never an existing one."""
-    base = run_dir / f"eval-{which}-{tasks or 'default'}tasks"
+    """A new folder for an evaluation, never an existing one, named by the checkpoint and the
+    number of test tasks (``tasks``, else the run's ``eval_tasks``)."""
+    from metagrad.training.loop import read_config
+
+    tasks = tasks or read_config(run_dir).eval_tasks
+    base = run_dir / f"eval-{which}-{tasks}tasks"
     path, n = base, 1
     while path.exists():
         n += 1

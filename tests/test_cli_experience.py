@@ -93,3 +93,10 @@ def test_presets_lists_supervised_and_rl_presets(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert "omniglot --preset paper-20way" in out and "train rl --env navigation2d" in out
+
+
+def test_eval_folder_is_named_by_the_runs_own_number_of_test_tasks(run):
+    assert main(["eval", str(run)]) == 0
+    tasks = yaml.safe_load((run / "config.yaml").read_text())["eval_tasks"]
+    saved = json.loads((run / f"eval-best-{tasks}tasks" / "eval.json").read_text())
+    assert saved["results"][0]["tasks"] == tasks
