@@ -29,7 +29,13 @@ from metagrad.algorithms.base import (
     NoOptions,
     resolve_options,
 )
-from metagrad.core.batching import Batching, per_task, require_vmap_exact, use_vmap
+from metagrad.core.batching import (
+    Batching,
+    examples_per_task,
+    per_task,
+    require_vmap_exact,
+    use_vmap,
+)
 from metagrad.core.functional import (
     FunctionalModel,
     Params,
@@ -321,6 +327,13 @@ class MAML(nn.Module):
                                                 query_x, buffers, step=k)
         return sum(w * self.loss(path[k], query_x, query_y, buffers, step=k) for w, k in terms)
 
+    def _writes_running_statistics(self) -> bool:
+        """Non-transductive meta-training of a model with BatchNorm running statistics: each
+        task's query forward updates them."""
+        return not self.transductive and self.model.training and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            for m in self.model.modules())
+
     def _tracks_per_step_statistics(self) -> bool:
         """Non-transductive meta-training of a model with per-step BatchNorm (BNRS)."""
         return bool(self._per_step_norms) and not self.transductive and self.model.training
@@ -392,10 +405,13 @@ class MAML(nn.Module):
         def task_loss(sx: Inputs, sy: Tensor, qx: Inputs, qy: Tensor) -> Tensor:
             return self.task_query_loss(sx, sy, qx, qy, steps, buffers)
 
-        # checkpointed inner steps are a custom autograd.Function, which vmap cannot batch
-        batching: Batching = "loop" if self.checkpoint_inner_steps else self.batching
+        # checkpointed inner steps are a custom autograd.Function, and running statistics are
+        # updated in place task after task: vmap can batch neither
+        batching: Batching = "loop" if self.checkpoint_inner_steps \
+            or self._writes_running_statistics() else self.batching
         with double_backward_kernels(not self.first_order), _explain_model_errors(tasks[0]):
-            if backward and not use_vmap(batching, self.model, self.first_order):
+            if backward and not use_vmap(batching, self.model, self.first_order,
+                                         examples_per_task(tasks)):
                 n = tasks[1].shape[0]
                 losses = []
                 for task in task_slices(tasks):

@@ -11,8 +11,10 @@ model with any other layer is refused (:func:`require_vmap_exact`) rather than r
 meta-gradient. BatchNorm is made exact in second order by running it, under vmap, as plain tensor
 ops (:mod:`metagrad.core.fast_norm`).
 
-``"auto"`` takes vmap only for exact models without convolutions, whose per-task weights would
-become grouped convolutions (slower than the loop; see BENCHMARKS.md).
+``"auto"`` takes vmap for exact models, except convolutional ones on tasks of more than
+:data:`CONV_VMAP_MAX_EXAMPLES` examples: vmapped, per-task conv weights become grouped
+convolutions, which beat a loop of small per-task convolutions but lose to a loop of large ones
+(see BENCHMARKS.md, "Batching conv nets").
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ _VERIFIED_FIRST_ORDER_ONLY = (nn.LayerNorm, nn.InstanceNorm2d)
 # Exact when forced (tests/algorithms/test_per_step_bn.py), not chosen by "auto".
 _VERIFIED_WHEN_FORCED = (PerStepBatchNorm,)
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_VMAP_MAX_EXAMPLES = 20
+"""Examples per task (support + query) up to which ``"auto"`` vmaps a conv net's tasks."""
 
 
 def _module_is_verified(module: nn.Module, first_order: bool) -> bool:
@@ -86,15 +90,28 @@ def require_vmap_exact(model: nn.Module, first_order: bool) -> None:
             "uses only ops that batch exactly may declare vmap_exact_forward = True")
 
 
-def use_vmap(batching: Batching, model: nn.Module, first_order: bool) -> bool:
+def examples_per_task(tasks: tuple[Inputs, ...]) -> int:
+    """Support + query examples of one task of ``(support_x, support_y, query_x, query_y)``
+    (read from the targets, whose dimension 1 counts examples); 0 for any other layout."""
+    if len(tasks) != 4:
+        return 0
+    return sum(t.shape[1] for t in (tasks[1], tasks[3])
+               if isinstance(t, torch.Tensor) and t.dim() >= 2)
+
+
+def use_vmap(batching: Batching, model: nn.Module, first_order: bool,
+             examples: int | None = None) -> bool:
     """The batching decision: forced (refused where not verified exact, see
-    :func:`require_vmap_exact`), or ``"auto"`` = exact and no convolutions."""
+    :func:`require_vmap_exact`), or ``"auto"`` = exact, and for a model with convolutions only
+    when each task has at most :data:`CONV_VMAP_MAX_EXAMPLES` ``examples`` (unknown: loop)."""
     if batching != "auto":
         if batching == "vmap":
             require_vmap_exact(model, first_order)
         return batching == "vmap"
-    return vmap_is_exact(model, first_order) and not any(
-        isinstance(m, _CONVOLUTIONS) for m in model.modules())
+    if not vmap_is_exact(model, first_order):
+        return False
+    small = examples is not None and 0 < examples <= CONV_VMAP_MAX_EXAMPLES
+    return small or not any(isinstance(m, _CONVOLUTIONS) for m in model.modules())
 
 
 def per_task(task_fn: Callable[..., T], tasks: tuple[Inputs, ...], batching: Batching,
@@ -105,7 +122,7 @@ def per_task(task_fn: Callable[..., T], tasks: tuple[Inputs, ...], batching: Bat
     Each element of ``tasks`` has a leading task dimension (a tensor, or a tuple or dict of
     tensors, :data:`~metagrad.core.taskbatch.Inputs`). ``task_fn`` returns a tensor or any
     nesting of tuples and dicts of tensors (e.g. ``(gradients, loss)``), each stacked."""
-    if use_vmap(batching, model, first_order):
+    if use_vmap(batching, model, first_order, examples_per_task(tasks)):
         try:
             with batch_norm_as_tensor_ops(model):
                 return vmap(task_fn, randomness="different")(*tasks)

@@ -10,6 +10,8 @@ from metagrad import MAML
 from metagrad.core.batching import (
     _VERIFIED_FIRST_ORDER_ONLY,
     _VERIFIED_SECOND_ORDER,
+    CONV_VMAP_MAX_EXAMPLES,
+    examples_per_task,
     use_vmap,
     vmap_is_exact,
 )
@@ -71,7 +73,8 @@ def test_conv_batchnorm_auto_batching_is_exact(first_order):
     # the conv bias feeds BatchNorm, so its true meta-gradient is 0
     assert got[1].abs().max() < 1e-12
     assert vmap_is_exact(model, first_order)  # BatchNorm as tensor ops under vmap
-    assert not use_vmap("auto", model, first_order)  # but conv nets are faster looped
+    assert use_vmap("auto", model, first_order, examples_per_task(data))  # 12 examples: vmapped
+    assert not use_vmap("auto", model, first_order)  # unknown task size: a conv net is looped
     forced = meta_grad(MAML(model, F.cross_entropy, 0.4, first_order=first_order,
                             batching="vmap"), data)
     for a, b in zip(forced, ref):
@@ -145,11 +148,17 @@ def test_adaptation_never_modifies_the_meta_model():
             assert torch.equal(v, before[k]), k
 
 
-def test_non_transductive_meta_loss_updates_only_running_statistics():
-    model = conv_bn(track=True).train()
+@pytest.mark.parametrize("kind", ["conv", "mlp"])
+def test_non_transductive_meta_loss_updates_only_running_statistics(kind):
+    """Also for models "auto" would vmap: the in-place updates need the per-task loop (a vmap
+    attempt that failed and fell back used to count one batch too many)."""
+    if kind == "conv":
+        model, loss_fn, data = conv_bn(track=True).train(), F.cross_entropy, image_tasks
+    else:
+        model, loss_fn, data = mlp(nn.BatchNorm1d(8)).train(), F.mse_loss, vector_tasks
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    maml = MAML(model, F.cross_entropy, 0.4, inner_steps=1, transductive=False)
-    maml.meta_loss(*image_tasks())
+    maml = MAML(model, loss_fn, 0.4, inner_steps=1, transductive=False)
+    maml.meta_loss(*data())
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
@@ -157,7 +166,7 @@ def test_non_transductive_meta_loss_updates_only_running_statistics():
     assert after["1.num_batches_tracked"].item() == 3
     model.eval()
     snapshot = {k: v.clone() for k, v in after.items()}
-    maml.meta_loss(*image_tasks())
+    maml.meta_loss(*data())
     assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
 
 
@@ -303,24 +312,29 @@ def vector_tasks(tasks=3):
 @pytest.mark.parametrize(("name", "model", "first_order", "vmapped"), [
     ("mlp", lambda: mlp(), False, True),
     ("mlp", lambda: mlp(), True, True),
-    ("conv", conv_bn, False, False),
-    ("conv", conv_bn, True, False),
+    ("small conv", conv_bn, False, True),
+    ("small conv", conv_bn, True, True),
+    ("large conv", conv_bn, False, False),
+    ("large conv", conv_bn, True, False),
     ("layernorm", lambda: mlp(nn.LayerNorm(8)), False, False),
     ("layernorm", lambda: mlp(nn.LayerNorm(8)), True, True),
 ])
 def test_auto_batching_choice_is_taken(monkeypatch, name, model, first_order, vmapped):
-    """"auto" = vmap for an MLP, a loop for a conv net (slower vmapped) and for LayerNorm in second
+    """"auto" = vmap for an MLP and for a conv net on tasks of at most CONV_VMAP_MAX_EXAMPLES
+    examples, a loop for a conv net on larger tasks (slower vmapped) and for LayerNorm in second
     order (its vmapped second derivative is wrong on torch 2.13); forced choices are obeyed."""
     model = model()
-    assert use_vmap("auto", model, first_order) is vmapped
+    half = CONV_VMAP_MAX_EXAMPLES // 2
+    data = (image_tasks(n=half) if name == "small conv" else
+            image_tasks(n=half + 1) if name == "large conv" else vector_tasks())
+    assert use_vmap("auto", model, first_order, examples_per_task(data)) is vmapped
     assert not use_vmap("loop", model, first_order)
     if name == "layernorm" and not first_order:  # forced vmap would be wrong: refused
         with pytest.raises(ConfigError, match="LayerNorm"):
             use_vmap("vmap", model, first_order)
     else:
         assert use_vmap("vmap", model, first_order)
-    data = image_tasks() if name == "conv" else vector_tasks()
-    loss_fn = F.cross_entropy if name == "conv" else F.mse_loss
+    loss_fn = F.cross_entropy if name.endswith("conv") else F.mse_loss
     spy = VmapSpy(monkeypatch)
     maml = MAML(model, loss_fn, 0.1, inner_steps=1, first_order=first_order, batching="auto")
     maml.meta_loss(*data)

@@ -92,7 +92,7 @@ def test_checkpointing_recomputes_each_inner_step():
             calls["n"] += 1
             return F.cross_entropy(out, y)
         learner = MAML(conv_bn(), counting_loss, inner_lr=0.3, inner_steps=steps,
-                       checkpoint_inner_steps=checkpoint)
+                       checkpoint_inner_steps=checkpoint, batching="loop")  # 1 call per task
         learner.meta_gradient(batch)
         assert calls["n"] == 2 * (support_calls + 1)  # 2 tasks, + 1 query loss each
 
