@@ -8,7 +8,7 @@ Workloads:
   w1          sinusoid MLP 1-40-40-1, 25 tasks x (10 support + 10 query), alpha 0.01,
               1 and 5 inner steps, second order
   w2-5way     Omniglot Conv4 (64 filters, BatchNorm with batch statistics), 28x28x1, 5-way 1-shot,
-              15 queries per class, 32 tasks, alpha 0.4, 1 inner step, second order
+              15 queries per class (`--queries`), 32 tasks, alpha 0.4, 1 inner step, second order
   w2-5way-fo  the same, first order
   w2-20way    20-way 1-shot, 15 queries per class, 16 tasks, 5 inner steps, second order
 ``--arch stride`` is the paper's Omniglot net (stride-2 convolutions, no pooling), ``--arch max``
@@ -93,11 +93,11 @@ def make_model(kind: str, ways: int | None, arch: str) -> nn.Module:
     return Conv4(1, ways, hidden=64, pooling=arch, input_size=28)
 
 
-def make_data(kind: str, ways: int | None, tasks: int) -> tuple[torch.Tensor, ...]:
+def make_data(kind: str, ways: int | None, tasks: int, queries: int = 15
+              ) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(0)
     if kind in ("w1", "w1bn"):
         return SinusoidTasks(10, 10).sample(tasks, g).tensors()
-    queries = 15
     sx = torch.randn(tasks, ways, 1, 28, 28, generator=g)
     qx = torch.randn(tasks, ways * queries, 1, 28, 28, generator=g)
     sy = torch.arange(ways).repeat(tasks, 1)
@@ -278,9 +278,9 @@ def grads_of(model: nn.Module) -> list[torch.Tensor]:
 def run_workload(name: str, arch: str, args, available_peers) -> None:
     kind, ways, tasks, steps, first_order, lr = WORKLOADS[name]
     base = make_model(kind, ways, arch)
-    data = make_data(kind, ways, tasks)
+    data = make_data(kind, ways, tasks, args.queries)
     loss_fn = F.cross_entropy if kind == "w2" else F.mse_loss
-    title = (f"{name}" + (f" ({arch})" if kind == "w2" else "")
+    title = (f"{name}" + (f" ({arch}, {args.queries} queries/class)" if kind == "w2" else "")
              + f": {tasks} tasks, {steps} inner step(s), {'first' if first_order else 'second'}"
              " order")
     print(f"\n## {title}", flush=True)
@@ -350,7 +350,7 @@ def w2_workloads(args):
         for wl in expand_workloads(args.workloads):
             kind, ways, tasks, *_ = WORKLOADS[wl]
             if kind == "w2":
-                yield wl, arch, WORKLOADS[wl], make_data(kind, ways, tasks)
+                yield wl, arch, WORKLOADS[wl], make_data(kind, ways, tasks, args.queries)
 
 
 def profile(args) -> None:
@@ -412,7 +412,7 @@ def memory_child(args) -> None:
     kind, ways, tasks, steps, fo, lr = WORKLOADS[args.workloads]
     arch = args.arch
     model = make_model(kind, ways, arch)
-    data = make_data(kind, ways, tasks)
+    data = make_data(kind, ways, tasks, args.queries)
     available_peers, _ = peers.available()
     args.variants, args.no_peers = True, False
     builder, nhwc = candidates_for(args.workloads, arch, args, available_peers)[label]
@@ -453,6 +453,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--queries", type=int, default=15,
+                        help="W2 query images per class (the paper's training presets: 1)")
     parser.add_argument("--variants", action="store_true",
                         help="also time metagrad speed-up candidates on W2")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile variants")

@@ -35,14 +35,17 @@ def plain_loop(model, loss_fn, lr, steps, first_order) -> Step:
 
     def step(data):
         _zero(params)
-        n = data[0].shape[0]
+        n, total = data[0].shape[0], 0.0
         for sx, sy, qx, qy in zip(*data, strict=True):
             fast = list(params)
             for _ in range(steps):
                 loss = loss_fn(functional_call(model, dict(zip(names, fast, strict=True)), (sx,)), sy)
                 grads = torch.autograd.grad(loss, fast, create_graph=not first_order)
                 fast = [w - lr * g for w, g in zip(fast, grads, strict=True)]
-            (loss_fn(functional_call(model, dict(zip(names, fast, strict=True)), (qx,)), qy) / n).backward()
+            query = loss_fn(functional_call(model, dict(zip(names, fast, strict=True)), (qx,)), qy) / n
+            query.backward()
+            total += query.item()
+        return total  # the mean query loss
     return step
 
 
