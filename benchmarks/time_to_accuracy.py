@@ -4,9 +4,14 @@ validation-selected checkpoint on held-out test tasks with the paper's protocol.
 A recipe is a preset name (``omniglot:paper``, ``omniglot:paper-20way``) or a JSON object of
 CLI-equivalent settings, e.g. ``'{"task": "omniglot", "preset": "paper", "first_order": true}'``
 (``task`` and ``preset`` choose :func:`metagrad.config.resolve`'s base, every other key
-overrides a setting). The training runs in a subprocess (:func:`metagrad.training.loop.train`)
-that receives SIGINT when the budget is over; the run loop then finishes its current iteration
-(and its validation, if due), writes a checkpoint and stops. Everything from the subprocess's
+overrides a setting). The key ``"implementation": "plain-loop"`` swaps MAML's meta-gradient for
+the plain per-task ``torch.autograd.grad`` loop of ``benchmarks/peers.py`` (everything else, the
+sampling, validation and checkpoints, stays metagrad's): the reference a recipe is compared with.
+
+The training runs in a subprocess (:func:`metagrad.training.loop.train`; with ``--nproc N`` > 1,
+N processes under torchrun) whose process group receives SIGINT when the budget is over; the
+run loop then finishes its current iteration (and its validation, if due), writes a checkpoint
+and stops. Everything from the subprocess's
 start to its exit counts (data loading, validation, checkpoints), and so does any overrun of
 the last iteration: ``minutes`` is the measured time, not the budget.
 
@@ -15,7 +20,7 @@ Evaluation (:func:`metagrad.training.report.evaluate_run`, not timed): the ``bes
 ``eval_steps`` adaptation steps with its ``eval_queries`` queries per class (the paper's
 presets: 15 queries per class, 3 steps for 5-way, 5 for 20-way). Writes::
 
-    {"minutes", "iterations", "accuracy", "ci95", "recipe", "best_iteration", "load"}
+    {"minutes", "iterations", "accuracy", "ci95", "recipe", "processes", "best_iteration", "load"}
 
 to ``--out`` (JSON) and prints it. ``iterations``: meta-iterations done within the budget;
 ``best_iteration``: the evaluated checkpoint's. Without any validation inside the budget there
@@ -23,7 +28,7 @@ is no ``best`` checkpoint and the script fails (lower ``val_every``).
 
     METAGRAD_DATA=/work/shared/data/omniglot OMP_WAIT_POLICY=PASSIVE \
         .venv/bin/python benchmarks/time_to_accuracy.py omniglot:paper --minutes 60 \
-        --run-dir runs/tta-fp32 --out tta-fp32.json
+        --run-dir runs/tta-fp32 --out tta-fp32.json [--nproc 2]
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ from typing import Any
 from metagrad.config import ExperimentConfig, resolve
 from metagrad.errors import ConfigError
 
+IMPLEMENTATIONS = ("metagrad", "plain-loop")
+NOT_SETTINGS = ("task", "preset", "implementation")
+
 
 def recipe_config(recipe: str) -> tuple[ExperimentConfig, dict[str, Any]]:
     """The configuration of ``recipe`` (``task:preset`` or a JSON object) and the recipe as a
@@ -52,30 +60,63 @@ def recipe_config(recipe: str) -> tuple[ExperimentConfig, dict[str, Any]]:
         settings = {"task": task, "preset": preset or None}
     if "task" not in settings:
         raise ConfigError(f"the recipe names no task: {recipe}")
-    overrides = {k: v for k, v in settings.items() if k not in ("task", "preset")}
-    return resolve(settings["task"], settings.get("preset"), overrides), settings
+    implementation = settings.get("implementation", "metagrad")
+    if implementation not in IMPLEMENTATIONS:
+        raise ConfigError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, got "
+                          f"{implementation!r}")
+    overrides = {k: v for k, v in settings.items() if k not in NOT_SETTINGS}
+    config = resolve(settings["task"], settings.get("preset"), overrides)
+    if implementation == "plain-loop" and config.algo != "maml":
+        raise ConfigError(f"the plain-loop reference is MAML's; the recipe's algo is "
+                          f"{config.algo!r}")
+    return config, settings
+
+
+def use_plain_loop() -> None:
+    """Every MAML learner computes its meta-gradient with the plain per-task autograd loop."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import peers
+
+    from metagrad import MAML
+
+    def meta_gradient(self: MAML, batch: Any) -> Any:
+        import torch
+        step = peers.plain_loop(self.model, self.loss_fn, self.inner_lr, self.inner_steps,
+                                self.first_order)
+        return torch.tensor(step(batch.tensors()))
+
+    MAML.meta_gradient = meta_gradient  # type: ignore[method-assign]
 
 
 def child(recipe: str, run_dir: str) -> None:
     """The timed subprocess: trains the recipe until its iterations or SIGINT."""
     from metagrad.training.loop import train
 
-    config, _ = recipe_config(recipe)
+    config, settings = recipe_config(recipe)
+    if settings.get("implementation") == "plain-loop":
+        use_plain_loop()
     train(config, run_dir, progress=False, log_interval=30)
 
 
-def run_for(recipe: str, run_dir: Path, minutes: float) -> float:
-    """Trains in a subprocess, interrupted after ``minutes``; the measured minutes."""
+def run_for(recipe: str, run_dir: Path, minutes: float, processes: int) -> float:
+    """Trains in a subprocess (``processes`` > 1: under torchrun), whose process group is
+    interrupted after ``minutes``; the measured minutes."""
+    command = [sys.executable, __file__, "--child", recipe, "--run-dir", str(run_dir)]
+    if processes > 1:
+        command[1:1] = ["-m", "torch.distributed.run", "--standalone",
+                        f"--nproc_per_node={processes}"]
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, __file__, "--child", recipe, "--run-dir",
-                                str(run_dir)])
+    process = subprocess.Popen(command, start_new_session=True)
+    interrupted = False
     try:
         process.wait(timeout=minutes * 60)
     except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGINT)
+        os.killpg(process.pid, signal.SIGINT)
         process.wait()
+        interrupted = True
     elapsed = (time.perf_counter() - started) / 60
-    if process.returncode != 0:
+    # torchrun reports its own interruption as a failure; the workers' checkpoint decides
+    if process.returncode != 0 and not (interrupted and processes > 1):
         raise RuntimeError(f"the training subprocess failed (exit code {process.returncode})")
     return elapsed
 
@@ -86,6 +127,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget")
     parser.add_argument("--run-dir", required=True, help="a new run directory")
     parser.add_argument("--tasks", type=int, default=600, help="test tasks")
+    parser.add_argument("--nproc", type=int, default=1, help="training processes (torchrun)")
     parser.add_argument("--out", help="result JSON file (default: RUN_DIR/time_to_accuracy.json)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -97,7 +139,7 @@ def main() -> None:
 
     config, recipe = recipe_config(args.recipe)  # refuses a bad recipe before training
     run_dir = Path(args.run_dir)
-    minutes = run_for(args.recipe, run_dir, args.minutes)
+    minutes = run_for(args.recipe, run_dir, args.minutes, args.nproc)
     load = os.getloadavg()
     checkpoints = ckpt.CheckpointDir(run_dir / "checkpoints")
     _, last = checkpoints.read("last")
@@ -106,7 +148,7 @@ def main() -> None:
     best = json.loads((run_dir / "time_to_accuracy_eval" / "eval.json").read_text())
     row = next(r for r in rows if r.method == config.algo and r.steps == config.eval_steps)
     result = {"minutes": round(minutes, 3), "iterations": int(last["iteration"]),
-              "accuracy": row.mean, "ci95": row.ci95, "recipe": recipe,
+              "accuracy": row.mean, "ci95": row.ci95, "recipe": recipe, "processes": args.nproc,
               "best_iteration": int(best["iteration"]), "load": load}
     out = Path(args.out) if args.out else run_dir / "time_to_accuracy.json"
     out.write_text(json.dumps(result, indent=1))
