@@ -9,11 +9,11 @@ the plain per-task ``torch.autograd.grad`` loop of ``benchmarks/peers.py`` (ever
 sampling, validation and checkpoints, stays metagrad's): the reference a recipe is compared with.
 
 The training runs in a subprocess (:func:`metagrad.training.loop.train`; with ``--nproc N`` > 1,
-N processes under torchrun) whose process group receives SIGINT when the budget is over; the
-run loop then finishes its current iteration (and its validation, if due), writes a checkpoint
-and stops. Everything from the subprocess's
-start to its exit counts (data loading, validation, checkpoints), and so does any overrun of
-the last iteration: ``minutes`` is the measured time, not the budget.
+N processes under torchrun) that receives SIGINT when the budget is over (each torchrun worker
+does); the run loop then finishes its current iteration (and its validation, if due), writes a
+checkpoint and stops. Everything from the subprocess's start to its exit counts (data loading,
+validation, checkpoints), and so does any overrun of the last iteration: ``minutes`` is the
+measured time, not the budget.
 
 Evaluation (:func:`metagrad.training.report.evaluate_run`, not timed): the ``best`` checkpoint
 (highest validation value) on ``--tasks`` test tasks (default 600) after the recipe's
@@ -106,19 +106,24 @@ def run_for(recipe: str, run_dir: Path, minutes: float, processes: int) -> float
         command[1:1] = ["-m", "torch.distributed.run", "--standalone",
                         f"--nproc_per_node={processes}"]
     started = time.perf_counter()
-    process = subprocess.Popen(command, start_new_session=True)
-    interrupted = False
+    process = subprocess.Popen(command)
     try:
         process.wait(timeout=minutes * 60)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGINT)
+        # the workers stop at the end of their iteration and torchrun exits with them
+        for pid in workers(process.pid) if processes > 1 else [process.pid]:
+            os.kill(pid, signal.SIGINT)
         process.wait()
-        interrupted = True
     elapsed = (time.perf_counter() - started) / 60
-    # torchrun reports its own interruption as a failure; the workers' checkpoint decides
-    if process.returncode != 0 and not (interrupted and processes > 1):
+    if process.returncode != 0:
         raise RuntimeError(f"the training subprocess failed (exit code {process.returncode})")
     return elapsed
+
+
+def workers(pid: int) -> list[int]:
+    """The child processes of ``pid`` (torchrun's workers; Linux ``/proc``)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children]
 
 
 def main() -> None:
