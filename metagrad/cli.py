@@ -36,13 +36,20 @@ def _flag(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
 
-def _add_setting(group: argparse._ArgumentGroup, f: dataclasses.Field, hint: Any) -> None:
+def _shown(value: Any) -> str:
+    return "none" if value is None or value in ([], ()) else (
+        " ".join(map(str, value)) if isinstance(value, list | tuple) else str(value))
+
+
+def _add_setting(group: argparse._ArgumentGroup, f: dataclasses.Field, hint: Any,
+                 preset: tuple[str | None, dict[str, Any]]) -> None:
     default = f.default if f.default is not dataclasses.MISSING else (
         f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
     kind = settings.describe_type(hint)
     text = f.metadata.get("help", "")
-    shown = "none" if default is None or default in ([], ()) else (
-        " ".join(map(str, default)) if isinstance(default, list | tuple) else default)
+    name, values = preset
+    shown = (f"{_shown(values[f.name])} (preset {name}; else {_shown(default)})"
+             if f.name in values and values[f.name] != default else _shown(default))
     extra = {"nargs": "?", "const": "true"} if hint is bool else {}
     group.add_argument(_flag(f.name), dest=f"set_{f.name}", metavar=kind.upper().split()[0]
                        if hint in (int, float, str) else "VALUE", default=None,
@@ -50,7 +57,8 @@ def _add_setting(group: argparse._ArgumentGroup, f: dataclasses.Field, hint: Any
 
 
 def _add_settings(parser: argparse.ArgumentParser,
-                  fields: Iterable[tuple[type, dataclasses.Field]], skip: set[str]) -> None:
+                  fields: Iterable[tuple[type, dataclasses.Field]], skip: set[str],
+                  preset: tuple[str | None, dict[str, Any]] = (None, {})) -> None:
     groups: dict[Any, argparse._ArgumentGroup] = {}
     for owner, f in fields:
         if f.name in skip or f.metadata.get("internal"):
@@ -64,7 +72,7 @@ def _add_settings(parser: argparse.ArgumentParser,
             title = f"{owner.__name__} (options of the chosen {_owner_kind(owner)})"
         if title not in groups:
             groups[title] = parser.add_argument_group(title)
-        _add_setting(groups[title], f, settings.type_hints(owner)[f.name])
+        _add_setting(groups[title], f, settings.type_hints(owner)[f.name], preset)
 
 
 def _owner_kind(owner: type) -> str:
@@ -92,7 +100,7 @@ def _pre_parse(argv: list[str]) -> argparse.Namespace:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("command", nargs="?")
     pre.add_argument("task", nargs="?")
-    for flag in ("--algo", "--env", "--config"):
+    for flag in ("--algo", "--env", "--config", "--preset", "--ways"):
         pre.add_argument(flag)
     known, _ = pre.parse_known_args([a for a in argv if a not in ("-h", "--help")])
     return known
@@ -120,7 +128,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         _add_settings(train, fields, set())
     elif pre.command == "train" and pre.task:
         task, algo = _task_and_algo(pre.task, pre.algo, pre.config)
-        _add_settings(train, settings.fields_for(task, algo).values(), {"task"})
+        _add_settings(train, settings.fields_for(task, algo).values(), {"task"},
+                      _help_preset(task, pre.preset, pre.ways))
 
     ev = sub.add_parser("eval", help="evaluate a run directory on held-out test tasks")
     ev.add_argument("run_dir", type=Path)
@@ -152,6 +161,16 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     data.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                       help="show tracebacks")
     return parser
+
+
+def _help_preset(task: str, preset: str | None, ways: str | None
+                 ) -> tuple[str | None, dict[str, Any]]:
+    """The preset whose values ``--help`` shows as defaults (none when it cannot be told yet:
+    a wrong name is reported when the command runs)."""
+    try:
+        return settings.chosen_preset(task, preset, {"ways": ways} if ways else {})
+    except (ConfigError, ValueError):
+        return None, {}
 
 
 def _task_and_algo(task: str, algo: str | None, config: str | None) -> tuple[str, str]:

@@ -280,10 +280,18 @@ def resolve(task: str, preset: str | None = None, overrides: dict[str, Any] | No
         if k not in accepted:
             raise ConfigError(not_accepted(k, task, algo, accepted))
         typed[k] = coerce_field(accepted[k][0], k, v)
+    _, values = chosen_preset(task, preset, typed)
+    return from_dict({**values, **typed, "task": task})
+
+
+def chosen_preset(task: str, preset: str | None, overrides: dict[str, Any]
+                  ) -> tuple[str | None, dict[str, Any]]:
+    """The preset :func:`resolve` applies to ``task`` (``preset``, else the one the task
+    chooses for ``overrides``; ``None``: none) and its settings."""
     presets = presets_of(task)
     if preset is None:
         choose = getattr(task_factory(task), "default_preset", None)
-        preset = choose(typed) if choose is not None else None
+        preset = choose(overrides) if choose is not None else None
     if preset is not None and preset not in presets:
         raise ConfigError(unknown(f"preset for {task}", preset, list(presets) or ["(none)"]))
-    return from_dict({**(presets[preset] if preset else {}), **typed, "task": task})
+    return preset, dict(presets[preset]) if preset else {}

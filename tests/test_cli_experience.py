@@ -47,6 +47,23 @@ def test_help_documents_each_flag_with_type_and_default_in_groups():
     assert "--max-kl" in rl.format_help() and "--meta-lr-schedule" not in rl.format_help()
 
 
+@pytest.mark.parametrize(("argv", "inner_lr", "meta_batch"), [
+    ([], "0.4 (preset paper; else 0.01)", "32 (preset paper; else 25)"),
+    (["--ways", "20"], "0.1 (preset paper-20way; else 0.01)",
+     "16 (preset paper-20way; else 25)"),
+    (["--preset", "paper-20way"], "0.1 (preset paper-20way; else 0.01)",
+     "16 (preset paper-20way; else 25)"),
+    (["--preset", "no-such-preset"], "0.01]", "25]"),  # reported when the command runs
+])
+def test_help_shows_the_defaults_of_the_preset_that_applies(argv, inner_lr, meta_batch):
+    """``train omniglot --help`` shows the values the run would get (the paper's preset for
+    the ways asked for), not the bare field defaults."""
+    parser = build_parser(["train", "omniglot", *argv])
+    flat = " ".join(parser._subparsers._group_actions[0].choices["train"].format_help().split())
+    assert f"--inner-lr FLOAT α, the inner-loop step size [float; default: {inner_lr}" in flat
+    assert f"--meta-batch INT tasks per meta-iteration [int; default: {meta_batch}" in flat
+
+
 def test_config_of_another_task_is_refused(tmp_path, capsys):
     other = tmp_path / "omni.yaml"
     other.write_text(yaml.safe_dump({"task": "omniglot", "ways": 5}))
