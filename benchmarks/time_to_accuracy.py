@@ -20,11 +20,13 @@ Evaluation (:func:`metagrad.training.report.evaluate_run`, not timed): the ``bes
 ``eval_steps`` adaptation steps with its ``eval_queries`` queries per class (the paper's
 presets: 15 queries per class, 3 steps for 5-way, 5 for 20-way). Writes::
 
-    {"minutes", "iterations", "accuracy", "ci95", "recipe", "processes", "best_iteration", "load"}
+    {"minutes", "iterations", "accuracy", "ci95", "recipe", "processes", "best_iteration", "load",
+     "validation": [[minutes, iteration, value], ...]}
 
 to ``--out`` (JSON) and prints it. ``iterations``: meta-iterations done within the budget;
 ``best_iteration``: the evaluated checkpoint's. Without any validation inside the budget there
-is no ``best`` checkpoint and the script fails (lower ``val_every``).
+is no ``best`` checkpoint and the script fails (lower ``val_every``). ``--table A.json B.json``
+prints the Markdown table of such files.
 
     METAGRAD_DATA=/work/shared/data/omniglot OMP_WAIT_POLICY=PASSIVE \
         .venv/bin/python benchmarks/time_to_accuracy.py omniglot:paper --minutes 60 \
@@ -126,16 +128,47 @@ def workers(pid: int) -> list[int]:
     return [int(c) for c in children]
 
 
+def validation_curve(run_dir: Path) -> list[list[float]]:
+    """``[minutes, iteration, validation value]`` of each validation in ``run_dir``'s
+    ``metrics.jsonl`` (minutes of training, cumulative)."""
+    curve = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        value = next((v for k, v in record.items() if k.startswith("val/")), None)
+        if value is not None:
+            curve.append([round(record["seconds"] / 60, 2), record["iteration"], value])
+    return curve
+
+
+def table(files: list[str]) -> str:
+    """The Markdown table of result JSON ``files`` (one row each, named by the file)."""
+    lines = ["| row | processes | minutes | iterations | best iteration | test accuracy (%) |",
+             "|---|---|---|---|---|---|"]
+    for name in files:
+        r = json.loads(Path(name).read_text())
+        lines.append(f"| {Path(name).stem} | {r['processes']} | {r['minutes']:.1f} | "
+                     f"{r['iterations']:,} | {r['best_iteration']:,} | "
+                     f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipe", help="task:preset, or a JSON object of settings")
+    parser.add_argument("recipe", nargs="?", help="task:preset, or a JSON object of settings")
+    parser.add_argument("--table", nargs="+", metavar="JSON",
+                        help="print the Markdown table of these result files and exit")
     parser.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget")
-    parser.add_argument("--run-dir", required=True, help="a new run directory")
+    parser.add_argument("--run-dir", help="a new run directory")
     parser.add_argument("--tasks", type=int, default=600, help="test tasks")
     parser.add_argument("--nproc", type=int, default=1, help="training processes (torchrun)")
     parser.add_argument("--out", help="result JSON file (default: RUN_DIR/time_to_accuracy.json)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
+    if args.recipe is None or args.run_dir is None:
+        parser.error("a recipe and --run-dir are needed (or --table)")
     if args.child:
         child(args.recipe, args.run_dir)
         return
@@ -154,7 +187,8 @@ def main() -> None:
     row = next(r for r in rows if r.method == config.algo and r.steps == config.eval_steps)
     result = {"minutes": round(minutes, 3), "iterations": int(last["iteration"]),
               "accuracy": row.mean, "ci95": row.ci95, "recipe": recipe, "processes": args.nproc,
-              "best_iteration": int(best["iteration"]), "load": load}
+              "best_iteration": int(best["iteration"]), "load": load,
+              "validation": validation_curve(run_dir)}
     out = Path(args.out) if args.out else run_dir / "time_to_accuracy.json"
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result))

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from metagrad import MAML
+from metagrad.config import resolve
 from metagrad.errors import ConfigError
 from metagrad.tasks import TASKS
 from metagrad.tasks.fewshot import FolderOptions, folder_task
@@ -157,6 +158,9 @@ def test_omniglot_presets():
     assert (paper["ways"], paper["inner_lr"], twenty["ways"], twenty["inner_steps"]) == (
         5, 0.4, 20, 5)
     assert "queries" not in paper and "queries" not in twenty  # queries follow shots
+    fast = resolve("omniglot", "fast")
+    assert (fast.ways, fast.first_order, fast.meta_lr_schedule, fast.eval_queries,
+            fast.eval_steps) == (5, True, "cosine", 15, 3)  # the paper's test protocol
 
 
 @pytest.mark.skipif(OMNIGLOT is None, reason="Omniglot zips not found: set METAGRAD_DATA or "
