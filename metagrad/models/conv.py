@@ -28,6 +28,10 @@ class Conv4(nn.Module):
     ``"flatten"`` forces one.
     """
 
+    vmap_exact_forward = True
+    """Its own forward only chains its layers with a mean or flatten, which batch exactly
+    (:func:`metagrad.core.batching.vmap_is_exact`); its layers are checked one by one."""
+
     def __init__(self, in_channels: int, num_classes: int, hidden: int = 64,
                  pooling: Literal["stride", "max"] = "stride", input_size: int = 28,
                  readout: Literal["auto", "mean", "flatten"] = "auto") -> None:
