@@ -142,12 +142,14 @@ def validation_curve(run_dir: Path) -> list[list[float]]:
 
 def table(files: list[str]) -> str:
     """The Markdown table of result JSON ``files`` (one row each, named by the file)."""
-    lines = ["| row | processes | minutes | iterations | best iteration | test accuracy (%) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| row | processes | minutes | iterations | best checkpoint: iteration, reached "
+             "after (min) | test accuracy (%) |", "|---|---|---|---|---|---|"]
     for name in files:
         r = json.loads(Path(name).read_text())
+        reached = next((f"{m:.1f}" for m, i, _ in r.get("validation", [])
+                        if i == r["best_iteration"]), "?")
         lines.append(f"| {Path(name).stem} | {r['processes']} | {r['minutes']:.1f} | "
-                     f"{r['iterations']:,} | {r['best_iteration']:,} | "
+                     f"{r['iterations']:,} | {r['best_iteration']:,}, {reached} | "
                      f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} |")
     return "\n".join(lines)
 
