@@ -101,8 +101,8 @@ def child(recipe: str, run_dir: str) -> None:
 
 
 def run_for(recipe: str, run_dir: Path, minutes: float, processes: int) -> float:
-    """Trains in a subprocess (``processes`` > 1: under torchrun), whose process group is
-    interrupted after ``minutes``; the measured minutes."""
+    """Trains in a subprocess (``processes`` > 1: under torchrun, whose workers are
+    interrupted) for ``minutes``; the measured minutes."""
     command = [sys.executable, __file__, "--child", recipe, "--run-dir", str(run_dir)]
     if processes > 1:
         command[1:1] = ["-m", "torch.distributed.run", "--standalone",
