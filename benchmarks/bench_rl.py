@@ -8,9 +8,10 @@
   rollout threads (interleaved, median), and the share of that time spent in the physics;
 * HalfCheetah stepping: metagrad's batched env without the policy, gymnasium's ``SyncVectorEnv``
   of ``HalfCheetah-v5``, and a Python loop of ``mj_step`` over one ``MjData`` per environment;
-* seconds per MAML meta-iteration on 2-D navigation at paper scale (sampling included): exact and
-  finite-difference Hessian-vector products, the Fisher on a share of the tasks, first order
-  (interleaved, median and min).
+* seconds per meta-iteration on 2-D navigation at paper scale (sampling included), MAML-RL and
+  RL²: exact, Gauss–Newton and finite-difference Fisher/Hessian-vector products, the Fisher on
+  a share of the tasks, first order (interleaved, median and min); ``--only maml|rl2`` runs
+  just one learner's.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from metagrad.models.policies import GaussianMLPPolicy
 from metagrad.rl.envs import BatchedEnv, make_env
 from metagrad.rl.envs.locomotion import default_threads
 from metagrad.rl.maml_rl import MAMLRL, RLConfig
+from metagrad.rl.rl2 import RL2
 from metagrad.rl.sampler import sample_episodes
 
 TASKS, ROLLOUTS = 20, 20
@@ -164,19 +166,30 @@ def mj_step_loop_rate(horizon: int) -> float:
 META_ITERATION_SETTINGS: dict[str, dict[str, object]] = {
     "second order, exact HVP, all tasks (paper)": {"fvp_fraction": 1.0},
     "second order, exact HVP, Fisher on 25% of tasks": {"fvp_fraction": 0.25},
+    "second order, Gauss-Newton FVP, all tasks": {"fvp_fraction": 1.0, "hvp": "gauss_newton"},
+    "second order, Gauss-Newton FVP, Fisher on 25% of tasks": {"fvp_fraction": 0.25,
+                                                                "hvp": "gauss_newton"},
     "second order, finite-difference HVP, all tasks": {"fvp_fraction": 1.0,
                                                        "hvp": "finite_difference"},
     "first order, all tasks": {"fvp_fraction": 1.0, "first_order": True},
     "first order, Fisher on 25% of tasks": {"fvp_fraction": 0.25, "first_order": True},
 }
+RL2_SETTINGS: dict[str, dict[str, object]] = {
+    "RL², exact HVP, Fisher on 25% of tasks": {"method": "rl2", "hvp": "exact"},
+    "RL², Gauss-Newton FVP, Fisher on 25% of tasks": {"method": "rl2", "hvp": "gauss_newton"},
+}
 
 
-def meta_iteration_seconds(rounds: int) -> dict[str, list[float]]:
+def meta_iteration_seconds(rounds: int, settings_by_label: dict[str, dict[str, object]]
+                           ) -> dict[str, list[float]]:
     """Seconds per meta-iteration (sampling included) of each setting, interleaved round-robin
     after one warm-up iteration each."""
-    trainers = {label: MAMLRL(RLConfig(env="navigation2d", meta_batch=TASKS, rollouts=ROLLOUTS,
-                                       **settings))
-                for label, settings in META_ITERATION_SETTINGS.items()}
+    def learner(settings: dict[str, object]) -> MAMLRL | RL2:
+        config = RLConfig(env="navigation2d", meta_batch=TASKS, rollouts=ROLLOUTS,
+                          **settings)  # type: ignore[arg-type]
+        return RL2(config) if config.method == "rl2" else MAMLRL(config)
+
+    trainers = {label: learner(settings) for label, settings in settings_by_label.items()}
     for trainer in trainers.values():
         trainer.meta_step()
     times: dict[str, list[float]] = {label: [] for label in trainers}
@@ -197,10 +210,16 @@ def main() -> None:
                         help="interleaved rounds of the locomotion sampling rates")
     parser.add_argument("--no-meta-iterations", action="store_true",
                         help="only the sampling and stepping rates")
+    parser.add_argument("--only", choices=("maml", "rl2"),
+                        help="only the meta-iterations of MAML-RL or of RL² (no sampling rates)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {TASKS} tasks x {ROLLOUTS} "
           f"rollouts; load average {os.getloadavg()[0]:.2f}")
+    if args.only:
+        settings = META_ITERATION_SETTINGS if args.only == "maml" else RL2_SETTINGS
+        report_meta_iterations(meta_iteration_seconds(args.iterations, settings))
+        return
     print(f"navigation2d sampling (policy in loop): {sampling_rate('navigation2d', 100):,.0f} "
           "steps/s")
     h = args.locomotion_horizon
@@ -217,12 +236,18 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.2f}")
     if args.no_meta_iterations:
         return
-    times = meta_iteration_seconds(args.iterations)
+    report_meta_iterations(meta_iteration_seconds(args.iterations, {
+        **META_ITERATION_SETTINGS, **RL2_SETTINGS}))
+
+
+def report_meta_iterations(times: dict[str, list[float]]) -> None:
+    """Each setting's median and min seconds, and its speed relative to the first setting."""
     reference = statistics.median(next(iter(times.values())))
     for label, seconds in times.items():
         median = statistics.median(seconds)
         print(f"navigation2d meta-iteration ({label}): median {median:.2f} s, min "
-              f"{min(seconds):.2f} s, {reference / median:.1f}x the paper setting")
+              f"{min(seconds):.2f} s, {reference / median:.2f}x the first setting")
+    print(f"load average {os.getloadavg()[0]:.2f}")
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,7 @@ in the policy, in how a task's episodes follow each other, and in the meta-step.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,19 +18,15 @@ from metagrad.distributed import Distributed, resolve_device
 from metagrad.errors import CheckpointError, ConfigError
 from metagrad.rl.baselines import LinearFeatureBaseline
 from metagrad.rl.envs import BatchedEnv, env_from_config, same_env
+from metagrad.rl.objectives import TRPOObjective
 from metagrad.rl.sampler import Episodes
 from metagrad.rl.settings import RLConfig
-from metagrad.rl.trpo import trpo_step
+from metagrad.rl.trpo import HVPMode, trpo_step
 
 
 def seeded_generator(seed: int) -> torch.Generator:
     """A CPU random stream (tasks, episode noise), the same on every device of the policy."""
     return torch.Generator(device="cpu").manual_seed(seed)
-
-
-Objective = Callable[..., tuple[Tensor, Tensor]]
-"""``objective(params, subset=None) -> (surrogate loss, mean KL)`` over this process's tasks, or
-the tasks at indices ``subset`` of them."""
 
 
 @dataclass
@@ -39,7 +35,7 @@ class MetaBatch:
     ``objective``, the number of this process's tasks it averages over, and the episodes whose
     mean returns are reported as ``pre_return`` (``before`` adaptation) and ``post_return``."""
 
-    objective: Objective
+    objective: TRPOObjective
     tasks: int
     before: Episodes
     after: Episodes
@@ -54,6 +50,9 @@ class PolicyLearner:
 
     policy_class: ClassVar[type[nn.Module]]
     checkpoint_kind: ClassVar[str]
+    default_hvp: ClassVar[HVPMode]
+    """TRPO's Fisher-vector products when the config says ``hvp="auto"``: the faster for this
+    learner's policy (BENCHMARKS.md, meta-RL)."""
     """The learner's name in the error for a checkpoint that is not one of its own."""
 
     def __init__(self, config: RLConfig, env: BatchedEnv | None = None,
@@ -107,15 +106,18 @@ class PolicyLearner:
         self.env.reset_task(tasks[mine])
         batch = self._sample_meta_batch(generator)
         sample_time = time.perf_counter() - start
-        curvature = None
+        subset = None
         if c.fvp_fraction < 1:
             subset = torch.randperm(batch.tasks, generator=generator, device="cpu")[
                 :max(1, round(c.fvp_fraction * batch.tasks))].tolist()
-            curvature = lambda p: batch.objective(p, subset)[1]  # noqa: E731
+        hvp = self.default_hvp if c.hvp == "auto" else c.hvp
+        # the objective's own KL (its graph reused) unless a subset or the composed form is due
+        curvature = (batch.objective.kl(subset)
+                     if subset is not None or hvp == "gauss_newton" else None)
         params = self.params()
         result = trpo_step(batch.objective, params, max_kl=c.max_kl, cg_iters=c.cg_iters,
                            cg_damping=c.cg_damping, ls_steps=c.ls_steps,
-                           ls_backtrack=c.ls_backtrack, hvp=c.hvp, curvature=curvature,
+                           ls_backtrack=c.ls_backtrack, hvp=hvp, curvature=curvature,
                            reduce=reduce)
         with torch.no_grad():
             for name, p in params.items():

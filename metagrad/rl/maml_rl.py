@@ -14,10 +14,9 @@ evaluated without training, is the "random initialisation" baseline.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 import torch
-from torch import Tensor
 from torch.distributions import Normal
 
 from metagrad.core.functional import Params
@@ -26,6 +25,7 @@ from metagrad.rl.learner import MetaBatch, PolicyLearner
 from metagrad.rl.objectives import (
     OldPolicy,
     TaskData,
+    TRPOObjective,
     adapt,
     compute_advantages,
     meta_objective,
@@ -34,8 +34,8 @@ from metagrad.rl.objectives import (
 from metagrad.rl.sampler import Episodes, action_distribution, sample_episodes
 from metagrad.rl.settings import RLConfig
 
-__all__ = ["MAMLRL", "OldPolicy", "RLConfig", "TaskData", "adapt", "compute_advantages",
-           "meta_objective", "reinforce_loss"]
+__all__ = ["MAMLRL", "OldPolicy", "RLConfig", "TRPOObjective", "TaskData", "adapt",
+           "compute_advantages", "meta_objective", "reinforce_loss"]
 
 
 class MAMLRL(PolicyLearner):
@@ -47,6 +47,7 @@ class MAMLRL(PolicyLearner):
 
     policy_class = GaussianMLPPolicy
     checkpoint_kind = "MAML-RL"
+    default_hvp = "exact"
 
     def _collect(self, params: Params, rollouts: int, generator: torch.Generator,
                  per_task: bool) -> TaskData:
@@ -85,11 +86,8 @@ class MAMLRL(PolicyLearner):
                                              per_task=inner_steps > 0)
             log_prob = Normal(loc, scale).log_prob(post.episodes.actions).sum(-1)
         old = OldPolicy(log_prob, loc, scale)
-
-        def objective(p: Params, subset: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
-            return meta_objective(self.policy, p, pre, post, old, lr=c.inner_lr,
-                                  first_order=c.first_order, tasks=subset)
-
+        objective = meta_objective(self.policy, pre, post, old, lr=c.inner_lr,
+                                   first_order=c.first_order)
         return MetaBatch(objective, len(post.advantages), sampled[0][1].episodes,
                          post.episodes)
 

@@ -16,6 +16,7 @@ dependence of the episodes D_k on θ is not differentiated (as in the authors' c
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from metagrad.models.policies import GaussianMLPPolicy
 from metagrad.rl.baselines import LinearFeatureBaseline
 from metagrad.rl.returns import discounted_returns, gae
 from metagrad.rl.sampler import Episodes
+from metagrad.rl.trpo import ComposedKL
 
 
 @dataclass(frozen=True)
@@ -96,27 +98,84 @@ def adapt(policy: GaussianMLPPolicy, params: Params, data: TaskData, *, lr: floa
     return {n: torch.stack([a[n] for a in adapted]) for n in adapted[0]}
 
 
-def meta_objective(policy: GaussianMLPPolicy, params: Params, pre: Sequence[TaskData],
-                   post: TaskData, old: OldPolicy, *, lr: float, first_order: bool,
-                   tasks: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
-    """(TRPO surrogate loss, mean KL) of θ = ``params`` (module doc), averaged over ``tasks``
-    (indices; default all).
+PolicyOutputs = Callable[[Params, Sequence[int] | None], tuple[Tensor, Tensor]]
+"""``(params, tasks) -> (loc, scale)``: π_θ's action distribution on the sampled steps of the
+tasks at indices ``tasks`` (all when ``None``), ``[len(tasks), rollouts, T, act_dim]`` each."""
+
+
+@dataclass(frozen=True)
+class TRPOObjective:
+    """The TRPO meta-objective on sampled data (Eq. 3; RL²'s on whole trials), computed from
+    π_θ's action distribution on the data (``distribution``):
+
+        (−1/n Σ_i E_{D_i}[ π_θ(a|s) / π_old(a|s) · A ],  1/n Σ_i E_{D_i}[ KL(π_old ‖ π_θ) ])
+
+    each expectation a masked mean over a task's episodes and steps, n the number of tasks
+    averaged over. ``objective(params, tasks=None)`` returns that pair over the tasks at indices
+    ``tasks`` (default all); :meth:`kl` the KL alone as a :class:`~metagrad.rl.trpo.ComposedKL`,
+    so that TRPO can form Gauss–Newton Fisher-vector products."""
+
+    distribution: PolicyOutputs
+    data: TaskData
+    old: OldPolicy
+
+    def __call__(self, params: Params, tasks: Sequence[int] | None = None
+                 ) -> tuple[Tensor, Tensor]:
+        loc, scale = self.distribution(params, tasks)
+        pick = _pick(tasks)
+        log_prob = Normal(loc, scale, validate_args=False).log_prob(
+            self.data.episodes.actions[pick]).sum(-1)
+        ratio = torch.exp(log_prob - self.old.log_prob[pick])
+        surrogate = _task_mean(-ratio * self.data.advantages[pick],
+                               self.data.episodes.masks[pick])
+        return surrogate, self._divergence((loc, scale), tasks)
+
+    def kl(self, tasks: Sequence[int] | None = None) -> ComposedKL:
+        """The mean KL(π_old ‖ π_θ) over the tasks at indices ``tasks`` (default all)."""
+        return ComposedKL(functools.partial(self.distribution, tasks=tasks),
+                          functools.partial(self._divergence, tasks=tasks))
+
+    def _divergence(self, outputs: tuple[Tensor, ...], tasks: Sequence[int] | None = None
+                    ) -> Tensor:
+        loc, scale = outputs
+        pick = _pick(tasks)
+        old = Normal(self.old.loc[pick], self.old.scale[pick], validate_args=False)
+        kl = kl_divergence(old, Normal(loc, scale, validate_args=False)).sum(-1)
+        return _task_mean(kl, self.data.episodes.masks[pick])
+
+
+def _pick(tasks: Sequence[int] | None) -> slice | list[int]:
+    return slice(None) if tasks is None else list(tasks)
+
+
+def _task_mean(x: Tensor, masks: Tensor) -> Tensor:
+    """The mean over tasks of each task's masked mean over its episodes and steps."""
+    return ((x * masks).sum((1, 2)) / masks.sum((1, 2)).clamp(min=1.0)).mean()
+
+
+def meta_objective(policy: GaussianMLPPolicy, pre: Sequence[TaskData], post: TaskData,
+                   old: OldPolicy, *, lr: float, first_order: bool) -> TRPOObjective:
+    """MAML-RL's :class:`TRPOObjective` (module doc) of θ on the post-update episodes ``post``
+    sampled by ``old``, π_θ'_K,i(θ) adapted per task through K steps.
 
     ``pre`` holds the K pre-update episode sets D_0, …, D_{K−1}: step k of the adaptation
     θ'_k → θ'_{k+1} descends the REINFORCE loss on ``pre[k]``; K = 0 is the unadapted policy
-    (the "pretrained" baseline). ``post`` holds D' and ``old`` the policy that sampled it.
+    (the "pretrained" baseline).
     """
-    ep = post.episodes
-    losses, kls = [], []
-    for i in range(len(post.advantages)) if tasks is None else tasks:
-        def step_loss(p: Params, step: int, i: int = i) -> Tensor:
-            return _task_loss(policy, pre[step], i)(p)
+    obs = post.episodes.obs
 
-        adapted = inner_loop(step_loss, params, steps=len(pre), lr=lr, first_order=first_order,
-                             step_aware=True)
-        dist = policy.distribution(ep.obs[i], adapted)
-        ratio = torch.exp(dist.log_prob(ep.actions[i]).sum(-1) - old.log_prob[i])
-        kl = kl_divergence(Normal(old.loc[i], old.scale[i]), dist).sum(-1)
-        losses.append(-_masked_mean(ratio * post.advantages[i], ep.masks[i]))
-        kls.append(_masked_mean(kl, ep.masks[i]))
-    return torch.stack(losses).mean(), torch.stack(kls).mean()
+    def adapted_distribution(params: Params, tasks: Sequence[int] | None = None
+                             ) -> tuple[Tensor, Tensor]:
+        locs, scales = [], []
+        for i in range(len(obs)) if tasks is None else tasks:
+            def step_loss(p: Params, step: int, i: int = i) -> Tensor:
+                return _task_loss(policy, pre[step], i)(p)
+
+            adapted = inner_loop(step_loss, params, steps=len(pre), lr=lr,
+                                 first_order=first_order, step_aware=True)
+            dist = policy.distribution(obs[i], adapted)
+            locs.append(dist.loc)
+            scales.append(dist.scale)
+        return torch.stack(locs), torch.stack(scales)
+
+    return TRPOObjective(adapted_distribution, post, old)

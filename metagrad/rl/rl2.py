@@ -11,7 +11,8 @@ on whole trials, each one long episode of the meta-MDP:
     max_θ  E_{T ~ p(T)} E_{trial ~ π_θ, T} [ Σ_{t over the trial} γ^t r_t ],
 
 here by one TRPO step per meta-iteration (:func:`~metagrad.rl.trpo.trpo_step`, the optimiser of
-Duan et al.; MAML-RL's too) on
+Duan et al.; MAML-RL's too; its Fisher-vector products in Gauss–Newton form by default, which
+avoids differentiating the backward pass through the recurrence) on
 
     min_θ  −1/n Σ_i E_{trials of T_i}[ π_θ(a_t|x_≤t) / π_old(a_t|x_≤t) · A_t ]
     s.t.   1/n Σ_i E_{trials of T_i}[ KL(π_old(·|x_≤t) ‖ π_θ(·|x_≤t)) ] ≤ δ,
@@ -44,13 +45,13 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
-from torch.distributions import Normal, kl_divergence
+from torch.distributions import Normal
 
 from metagrad.core.functional import Params
 from metagrad.models.policies import GaussianGRUPolicy, RecurrentState
 from metagrad.rl.envs import BatchedEnv
 from metagrad.rl.learner import MetaBatch, PolicyLearner
-from metagrad.rl.objectives import OldPolicy, TaskData, compute_advantages
+from metagrad.rl.objectives import OldPolicy, TaskData, TRPOObjective, compute_advantages
 from metagrad.rl.sampler import Episodes, sample_episodes
 
 
@@ -155,23 +156,17 @@ def whole_trials(episodes: Sequence[Episodes]) -> tuple[Episodes, Tensor]:
     return trial, inputs
 
 
-def trial_objective(policy: GaussianGRUPolicy, params: Params, data: TaskData, inputs: Tensor,
-                    old: OldPolicy, tasks: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
-    """(TRPO surrogate loss, mean KL) of θ = ``params`` on whole trials (module doc): each a
-    masked mean over a task's trials and steps, then the mean over ``tasks`` (indices; default
-    all). ``data`` holds the trials (:func:`whole_trials`) and their advantages, ``inputs`` the
-    policy's inputs on them, ``old`` the policy that sampled them."""
-    pick: slice | list[int] = slice(None) if tasks is None else list(tasks)
-    trial = data.episodes
-    dist, _ = policy.distribution(inputs[pick], params)
-    ratio = torch.exp(dist.log_prob(trial.actions[pick]).sum(-1) - old.log_prob[pick])
-    kl = kl_divergence(Normal(old.loc[pick], old.scale[pick]), dist).sum(-1)
-    masks = trial.masks[pick]
+def trial_objective(policy: GaussianGRUPolicy, data: TaskData, inputs: Tensor,
+                    old: OldPolicy) -> TRPOObjective:
+    """RL²'s :class:`~metagrad.rl.objectives.TRPOObjective` (module doc): ``data`` holds the
+    trials (:func:`whole_trials`) and their advantages, ``inputs`` the policy's inputs on them,
+    ``old`` the policy that sampled them."""
+    def trial_distribution(params: Params, tasks: Sequence[int] | None = None
+                           ) -> tuple[Tensor, Tensor]:
+        dist, _ = policy.distribution(inputs if tasks is None else inputs[list(tasks)], params)
+        return dist.loc, dist.scale
 
-    def mean(x: Tensor) -> Tensor:
-        return ((x * masks).sum((1, 2)) / masks.sum((1, 2)).clamp(min=1.0)).mean()
-
-    return mean(-ratio * data.advantages[pick]), mean(kl)
+    return TRPOObjective(trial_distribution, data, old)
 
 
 class RL2(PolicyLearner):
@@ -189,6 +184,7 @@ class RL2(PolicyLearner):
 
     policy_class = GaussianGRUPolicy
     checkpoint_kind = "RL²"
+    default_hvp = "gauss_newton"
 
     def _sample_meta_batch(self, generator: torch.Generator) -> MetaBatch:
         """``rollouts`` trials of ``rl2_episodes`` episodes per task; the objective is
@@ -203,9 +199,7 @@ class RL2(PolicyLearner):
             dist, _ = self.policy(inputs)
             old = OldPolicy(dist.log_prob(trial.actions).sum(-1), dist.loc, dist.scale)
 
-        def objective(p: Params, subset: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
-            return trial_objective(self.policy, p, data, inputs, old, subset)
-
+        objective = trial_objective(self.policy, data, inputs, old)
         return MetaBatch(objective, len(data.advantages), episodes[0], episodes[-1])
 
     def _adaptation(self, steps: int, rollouts: int, generator: torch.Generator

@@ -8,7 +8,6 @@ from typing import Any, Literal
 
 from metagrad.errors import ConfigError
 from metagrad.parsing import coerce_field, setting, unknown, validate_fields
-from metagrad.rl.trpo import HVPMode
 
 
 @dataclass(frozen=True)
@@ -51,8 +50,11 @@ class RLConfig:
     hidden: tuple[int, ...] = setting((100, 100), "Hidden layer widths of the policy's mean.",
         min=1)
     seed: int = setting(0, "Seed of the initial weights, tasks and episodes.", min=0)
-    hvp: HVPMode = setting(
-        "exact", "Hessian-of-KL products: double backward (exact) or finite_difference.")
+    hvp: Literal["auto", "exact", "finite_difference", "gauss_newton"] = setting(
+        "auto", "Products with the KL's Hessian in TRPO: exact (double backward), "
+        "finite_difference, gauss_newton (Jacobian-vector products, no double backward; equal "
+        "to exact at the old policy), or auto: the faster for the learner (exact for MAML-RL, "
+        "gauss_newton for RL²).")
     fvp_fraction: float = setting(
         0.25, "Share of the meta-batch's tasks (drawn afresh) on which the KL's Hessian, the "
         "trust-region metric, is computed (Schulman et al. 2015, App. C.1); 1.0 = all tasks.",

@@ -6,6 +6,15 @@ meta-optimiser of MAML-RL (Finn et al. 2017, §5.3).
 step direction s = F⁻¹g by conjugate gradient (F = ∇²KL at θ_old, g = ∇loss), scaled to the
 boundary of the trust region, β = √(2δ / sᵀFs), then backtracking (θ − βᵏ·βs) until the loss
 decreases and the KL constraint holds.
+
+Products with F (:func:`hessian_vector_product`): double backward through the KL (``exact``),
+finite differences of its gradient, or the Gauss–Newton form (``gauss_newton``): with the KL
+written as D(f(θ)), f the policy's distribution parameters on the data and D the divergence
+from π_old's, ∇²KL = Jᵀ ∇²D J + Σ_j ∂D/∂f_j ∇²f_j, J = ∂f/∂θ, and the second term vanishes at
+θ_old, where D is at its minimum (∂D/∂f = 0). So Fv = Jᵀ(∇²D (Jv)): one forward-mode pass for
+Jv, one backward pass for Jᵀu, and no differentiation of a backward pass — which through a
+recurrent policy costs time quadratic in the sequence length (Martens 2010; Schulman et al.
+2015, App. C.1, the "analytic" Fisher-vector product).
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from metagrad.core.functional import Params
@@ -24,7 +34,7 @@ from metagrad.errors import ConfigError
 Objective = Callable[[Params], tuple[Tensor, Tensor]]
 """params -> (surrogate loss to minimise, mean KL(π_old ‖ π_params))."""
 
-HVPMode = Literal["exact", "finite_difference"]
+HVPMode = Literal["exact", "finite_difference", "gauss_newton"]
 
 Reduce = Callable[[Tensor], Tensor]
 """Combines a quantity computed on this process's share of the data with the other processes'
@@ -52,6 +62,20 @@ def unflatten(vector: Tensor, like: Mapping[str, Tensor]) -> Params:
     return out
 
 
+@dataclass(frozen=True)
+class ComposedKL:
+    """KL(π_old ‖ π_θ) as ``divergence(outputs(θ))``: ``outputs`` maps parameters to the
+    policy's distribution parameters on the data (e.g. its means and standard deviations),
+    ``divergence`` those to the mean KL from π_old's. Callable as the KL itself; the form the
+    ``gauss_newton`` products need (module doc)."""
+
+    outputs: Callable[[Params], tuple[Tensor, ...]]
+    divergence: Callable[[tuple[Tensor, ...]], Tensor]
+
+    def __call__(self, params: Params) -> Tensor:
+        return self.divergence(self.outputs(params))
+
+
 def hessian_vector_product(fn: Callable[[Params], Tensor], params: Params, *,
                            mode: HVPMode = "exact", damping: float = 1e-5,
                            fd_eps: float = 1e-4, value: Tensor | None = None
@@ -61,8 +85,15 @@ def hessian_vector_product(fn: Callable[[Params], Tensor], params: Params, *,
     ``"exact"``: double backward through ``fn`` (and so through any adaptation step inside it);
     ``value`` may pass ``fn(params)`` if already computed with a graph. ``"finite_difference"``:
     (∇fn(θ + εv̂) − ∇fn(θ − εv̂)) ‖v‖ / 2ε with v̂ = v/‖v‖ — first derivatives only.
+    ``"gauss_newton"``: Jᵀ(∇²D (Jv)) for ``fn`` a :class:`ComposedKL` D∘f (module doc) — the
+    Hessian at the θ_old the KL is measured from, positive semi-definite elsewhere.
     """
     names = list(params)
+    if mode == "gauss_newton":
+        if not isinstance(fn, ComposedKL):
+            raise ConfigError("hvp 'gauss_newton' needs the KL as a ComposedKL (the policy's "
+                              "outputs and the divergence); use 'exact' for any other function")
+        return _gauss_newton_product(fn, params, damping)
     if mode == "exact":
         value = fn(params) if value is None else value
         grads = flatten(dict(zip(names, torch.autograd.grad(
@@ -91,7 +122,29 @@ def hessian_vector_product(fn: Callable[[Params], Tensor], params: Params, *,
             return diff * (norm / (2 * fd_eps)) + damping * v
 
         return finite_difference
-    raise ConfigError(f"hvp mode must be 'exact' or 'finite_difference', got {mode!r}")
+    raise ConfigError(f"hvp mode must be 'exact', 'finite_difference' or 'gauss_newton', got "
+                      f"{mode!r}")
+
+
+def _gauss_newton_product(kl: ComposedKL, params: Params, damping: float
+                          ) -> Callable[[Tensor], Tensor]:
+    outputs = kl.outputs(params)
+    at = tuple(o.detach().requires_grad_() for o in outputs)
+    divergence_grad = torch.autograd.grad(kl.divergence(at), at, create_graph=True)
+    primal = {n: p.detach() for n, p in params.items()}
+
+    def gauss_newton(v: Tensor) -> Tensor:
+        tangents = unflatten(v, params)
+        with forward_ad.dual_level():
+            dual = {n: forward_ad.make_dual(primal[n], tangents[n]) for n in primal}
+            jv = [forward_ad.unpack_dual(o).tangent for o in kl.outputs(dual)]
+        jv = [torch.zeros_like(o) if t is None else t for o, t in zip(at, jv, strict=True)]
+        hjv = torch.autograd.grad(divergence_grad, at, jv, retain_graph=True)
+        fv = torch.autograd.grad(outputs, list(params.values()), hjv, retain_graph=True,
+                                 allow_unused=True, materialize_grads=True)
+        return torch.cat([f.reshape(-1) for f in fv]).detach() + damping * v
+
+    return gauss_newton
 
 
 @dataclass(frozen=True)
@@ -131,7 +184,8 @@ def trpo_step(objective: Objective, params: Params, *, max_kl: float = 0.01,
     """One TRPO update of ``params`` (which must require grad) on ``objective``.
 
     ``curvature``: the function whose Hessian at ``params`` is the trust-region metric F;
-    default the objective's KL. Passing the KL of a subset of the data gives the subsampled
+    default the objective's KL (``hvp="gauss_newton"`` needs it given, as a
+    :class:`ComposedKL`). Passing the KL of a subset of the data gives the subsampled
     Fisher-vector products of Schulman et al. 2015, App. C.1; the gradient and the line search's
     KL check always use all of it. sᵀFs is taken from the conjugate-gradient residual
     (Fs = g − r), so the solve costs ``cg_iters`` products and no more.

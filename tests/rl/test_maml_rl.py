@@ -48,8 +48,8 @@ def test_state_dict_round_trip_resumes_identically():
 
 
 @pytest.mark.parametrize("settings", [{"first_order": True}, {"hvp": "finite_difference"},
-                                      {"method": "pretrain"}, {"fvp_fraction": 1.0},
-                                      {"inner_steps": 2}])
+                                      {"hvp": "gauss_newton"}, {"method": "pretrain"},
+                                      {"fvp_fraction": 1.0}, {"inner_steps": 2}])
 def test_variants_take_a_trust_region_step(settings):
     trainer = MAMLRL(tiny(**settings))
     before = [p.detach().clone() for p in trainer.policy.parameters()]

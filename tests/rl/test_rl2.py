@@ -11,9 +11,14 @@ from resume_check import assert_resumes_exactly
 from metagrad.cli import main
 from metagrad.errors import CheckpointError
 from metagrad.models.policies import GaussianGRUPolicy
+from metagrad.rl import learner as learner_module
 from metagrad.rl import rl2
+from metagrad.rl.maml_rl import MAMLRL
+from metagrad.rl.objectives import OldPolicy, TaskData
 from metagrad.rl.rl2 import RL2, sample_trials, whole_trials
+from metagrad.rl.sampler import Episodes
 from metagrad.rl.settings import RLConfig
+from metagrad.rl.trpo import hessian_vector_product, trpo_step
 
 TINY = dict(method="rl2", meta_batch=3, rollouts=2, horizon=10, hidden=(8,), max_kl=0.01)
 
@@ -137,6 +142,48 @@ def test_trpo_step_keeps_the_mean_kl_within_max_kl(monkeypatch):
     mean_kl = ((kl * m).sum((1, 2)) / m.sum((1, 2))).mean().item()
     assert 0 < mean_kl <= 0.002
     assert mean_kl == pytest.approx(metrics["kl"], rel=1e-3)
+
+
+def test_gauss_newton_products_equal_the_exact_kl_hessian_through_the_gru():
+    """At θ_old, the Fisher-vector products without double backward through the GRU equal the
+    double-backward Hessian of the trials' KL (float64, episodes of unequal length)."""
+    torch.manual_seed(0)
+    policy = GaussianGRUPolicy(2, 2, hidden=(5, 4)).double()
+    g = torch.Generator().manual_seed(1)
+    tasks, rollouts, steps = 2, 3, 7
+    inputs = torch.randn(tasks, rollouts, steps, policy.input_dim, generator=g, dtype=torch.double)
+    masks = (torch.arange(steps) < torch.tensor([[7, 5, 2], [7, 7, 4]])[..., None]).double()
+    actions = torch.randn(tasks, rollouts, steps, 2, generator=g, dtype=torch.double)
+    episodes = Episodes(inputs[..., :2], actions, torch.zeros_like(masks), masks)
+    with torch.no_grad():
+        dist = policy(inputs)[0]
+    old = OldPolicy(dist.log_prob(actions).sum(-1), dist.loc, dist.scale)
+    objective = rl2.trial_objective(policy, TaskData(episodes, torch.randn_like(masks)), inputs,
+                                    old)
+    params = dict(policy.named_parameters())
+    v = torch.randn(sum(p.numel() for p in params.values()), generator=g, dtype=torch.double)
+    for subset in (None, [1]):
+        kl = objective.kl(subset)
+        assert float(kl(params).detach()) == pytest.approx(0.0, abs=1e-15)
+        exact = hessian_vector_product(kl, params, mode="exact", damping=0.0)(v)
+        fisher = hessian_vector_product(kl, params, mode="gauss_newton", damping=0.0)(v)
+        assert exact.norm() > 1e-3
+        torch.testing.assert_close(fisher, exact, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(("method", "hvp", "used"), [
+    ("rl2", "auto", "gauss_newton"), ("maml", "auto", "exact"), ("rl2", "exact", "exact")])
+def test_auto_hvp_picks_each_learners_faster_products(monkeypatch, method, hvp, used):
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["hvp"])
+        return trpo_step(*args, **kwargs)
+
+    monkeypatch.setattr(learner_module, "trpo_step", recording)
+    config = RLConfig(**{**TINY, "method": method, "hvp": hvp})
+    (RL2 if method == "rl2" else MAMLRL)(config).meta_step()
+    assert seen == [used]
 
 
 def test_meta_iterations_on_navigation_change_the_policy():

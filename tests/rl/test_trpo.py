@@ -68,6 +68,8 @@ def test_hessian_vector_product_matches_full_hessian(mode):
 def test_hessian_vector_product_rejects_unknown_mode():
     with pytest.raises(ConfigError, match="finite_difference"):
         hessian_vector_product(cubic, {"w": torch.zeros(1)}, mode="fisher")
+    with pytest.raises(ConfigError, match="ComposedKL"):  # Gauss-Newton needs the KL's outputs
+        hessian_vector_product(cubic, {"w": torch.zeros(1)}, mode="gauss_newton")
 
 
 def test_line_search_needs_improvement_and_small_kl():
