@@ -12,9 +12,9 @@ finite differences of its gradient, or the Gauss–Newton form (``gauss_newton``
 written as D(f(θ)), f the policy's distribution parameters on the data and D the divergence
 from π_old's, ∇²KL = Jᵀ ∇²D J + Σ_j ∂D/∂f_j ∇²f_j, J = ∂f/∂θ, and the second term vanishes at
 θ_old, where D is at its minimum (∂D/∂f = 0). So Fv = Jᵀ(∇²D (Jv)): one forward-mode pass for
-Jv, one backward pass for Jᵀu, and no differentiation of a backward pass — which through a
-recurrent policy costs time quadratic in the sequence length (Martens 2010; Schulman et al.
-2015, App. C.1, the "analytic" Fisher-vector product).
+Jv, one backward pass for Jᵀu, and no differentiation of a backward pass, the costly part
+through a recurrent policy (Martens 2010; Schulman et al. 2015, App. C.1, the "analytic"
+Fisher-vector product).
 """
 
 from __future__ import annotations
