@@ -50,10 +50,10 @@ class PolicyLearner:
 
     policy_class: ClassVar[type[nn.Module]]
     checkpoint_kind: ClassVar[str]
+    """The learner's name in the error for a checkpoint that is not one of its own."""
     default_hvp: ClassVar[HVPMode]
     """TRPO's Fisher-vector products when the config says ``hvp="auto"``: the faster for this
     learner's policy (BENCHMARKS.md, meta-RL)."""
-    """The learner's name in the error for a checkpoint that is not one of its own."""
 
     def __init__(self, config: RLConfig, env: BatchedEnv | None = None,
                  distributed: Distributed | None = None,
