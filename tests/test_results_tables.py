@@ -18,12 +18,13 @@ TABLE = {"steps": [0, 1], "rows": [{"run": "r", "label": "MAML", "method": "maml
                                     "claims": {"task": "sinusoid", "meta_batch": 25}}]}
 
 
-def make_run(results: Path, rows=ROWS, config=None, files=rt.RUN_FILES) -> None:
+def make_run(results: Path, rows=ROWS, config=None, files=rt.RUN_FILES, training=None) -> None:
     folder = results / "r"
     folder.mkdir(parents=True)
     contents = {
         "eval.json": json.dumps({"metric": "mse", "checkpoint": "best.safetensors",
-                                 "iteration": 70000, "results": rows}),
+                                 "iteration": 70000, "results": rows,
+                                 "training": training or {"ms_per_iteration": 6.4}}),
         "config.yaml": yaml.safe_dump(config or {"task": "sinusoid", "meta_batch": 25}),
         "README.md": "command, iterations, wall time\n"}
     for name in files:
@@ -43,11 +44,21 @@ def test_a_table_is_generated_from_the_files(tmp_path):
     (dict(config={"task": "sinusoid", "meta_batch": 10}), "claims meta_batch=25"),
     (dict(files=("eval.json", "config.yaml")), "README.md is missing"),
     (dict(rows=[dict(ROWS[0], method="anil")]), "no rows of method 'maml'"),
+    (dict(training={"seconds": 60}), "no training.ms_per_iteration"),
 ])
 def test_incomplete_or_contradicting_results_are_refused(tmp_path, broken, message):
     make_run(tmp_path, **broken)
+    table = dict(TABLE, extra=[{"header": "ms / iteration", "key": "ms_per_iteration"}])
     with pytest.raises(rt.ResultsError, match=message):
-        rt.generate("<!-- results:t -->\n<!-- /results -->\n", {"t": TABLE}, tmp_path)
+        rt.generate("<!-- results:t -->\n<!-- /results -->\n", {"t": table}, tmp_path)
+
+
+def test_extra_columns_come_from_the_training_record(tmp_path):
+    make_run(tmp_path)
+    table = dict(TABLE, extra=[{"header": "ms / iteration", "key": "ms_per_iteration"}])
+    out = rt.generate("<!-- results:t -->\n<!-- /results -->\n", {"t": table}, tmp_path)
+    assert "| row | K | 0 steps | 1 steps | ms / iteration | run |" in out
+    assert "| MAML | 5 | 2.500 ± 0.010 | 0.500 ± 0.010 | 6.4 | [r](results/r/) |" in out
 
 
 def test_the_readme_tables_match_the_committed_results():

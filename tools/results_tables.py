@@ -3,7 +3,9 @@
 ``results/tables.yaml`` declares each table: its rows name a run directory (``results/<run>/``
 holding ``eval.json``, ``config.yaml`` and a ``README.md`` with the command, iterations and wall
 time), the method and shots of the row in ``eval.json``, and the settings the row claims
-(``claims``), which must match the run's ``config.yaml``. The README holds each table between
+(``claims``), which must match the run's ``config.yaml``. A table may add ``extra`` columns, each a
+``{header, key}`` read from the ``training`` record of the row's ``eval.json`` (e.g. the
+benchmark's ms per iteration). The README holds each table between
 ``<!-- results:NAME -->`` and ``<!-- /results -->``.
 
     python tools/results_tables.py           # rewrite the tables in README.md
@@ -58,11 +60,23 @@ def _cell(row: dict[str, Any] | None, metric: str) -> str:
     return f"{row['mean'] * scale:.{digits}f} ± {row['ci95'] * scale:.{digits}f}"
 
 
+def _extra_cells(table: dict[str, Any], evaluation: dict[str, Any], run: str) -> list[str]:
+    training = evaluation.get("training", {})
+    cells = []
+    for column in table.get("extra", []):
+        if column["key"] not in training:
+            raise ResultsError(f"results/{run}/eval.json has no training.{column['key']} "
+                               f"(column {column['header']!r})")
+        cells.append(f"{training[column['key']]:g}")
+    return cells
+
+
 def render(table: dict[str, Any], results: Path) -> str:
     """The markdown of one declared table."""
     steps = table["steps"]
-    lines = ["| " + " | ".join(["row", "K", *(f"{s} steps" for s in steps), "run"]) + " |",
-             "|" + "---|" * (len(steps) + 3)]
+    extra = [column["header"] for column in table.get("extra", [])]
+    lines = ["| " + " | ".join(["row", "K", *(f"{s} steps" for s in steps), *extra, "run"])
+             + " |", "|" + "---|" * (len(steps) + len(extra) + 3)]
     for spec in table["rows"]:
         evaluation, config = load_run(results, spec["run"])
         for key, claimed in spec.get("claims", {}).items():
@@ -76,6 +90,7 @@ def render(table: dict[str, Any], results: Path) -> str:
             raise ResultsError(f"results/{spec['run']}/eval.json has no rows of method "
                                f"{spec['method']!r} with {spec['shots']} shots")
         cells = [_cell(rows.get(s), evaluation["metric"]) for s in steps]
+        cells += _extra_cells(table, evaluation, spec["run"])
         lines.append("| " + " | ".join([spec["label"], str(spec["shots"]), *cells,
                                          f"[{spec['run']}](results/{spec['run']}/)"]) + " |")
     return "\n".join(lines)
