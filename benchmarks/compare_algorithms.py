@@ -16,7 +16,11 @@ The black-box baseline takes no steps: its one number (``mse_conditioned`` /
         .venv/bin/python benchmarks/compare_algorithms.py --task omniglot --iterations 1000
 
 Each algorithm trains in its own subprocess (so that peak memory is its own); runs go to
-runs/compare-<algo> and are resumable.
+runs/compare-<algo> (sinusoid) or runs/compare-<task>-<algo> and are resumable. Each finished
+run is committed as ``results/family-<task>-<algo>/``: ``eval.json`` (with a ``training``
+record: iterations, seconds, ms per iteration, peak memory growth, load average), the run's
+``config.yaml`` and a README with the command; the README's family tables are generated from
+them (``tools/results_tables.py``).
 """
 
 from __future__ import annotations
@@ -25,21 +29,22 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
+
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
 
 # Settings that differ from the MAML defaults (inner_lr 0.01, 1 step, trained with K = 10).
 ALGORITHMS: dict[str, dict] = {
     "maml": {},
     "maml-fo": {"algo": "maml", "first_order": True},
     "metasgd": {"algo": "metasgd"},
-    # MSL and cosine annealing; no learned per-step rates (LSLR): at this init (0.01) every Adam
-    # step (1e-3) moves a rate by up to 10% of its value, the rates wander (several went
-    # negative) and training diverged (inf at iteration 188 in a 2000-iteration probe)
+    # MSL, cosine annealing and the learned per-step rates (LSLR, in log space so they stay
+    # positive)
     "mamlpp": {"algo": "mamlpp", "inner_steps": 5, "mamlpp_msl_epochs": 4,
-               "iterations_per_epoch": 500, "meta_lr_schedule": "cosine",
-               "mamlpp_step_lrs": False},
+               "iterations_per_epoch": 500, "meta_lr_schedule": "cosine"},
     # 5 steps as in the ANIL paper (MAML's settings): trained with 1, the body scales the head's
     # features until a step of 0.01 is nearly a Newton step, and repeated steps diverge
     "anil": {"algo": "anil", "inner_steps": 5},
@@ -60,13 +65,46 @@ OMNIGLOT_ALGORITHMS: dict[str, dict] = {
     "mamlpp": {"algo": "mamlpp", "inner_steps": 3, "inner_lr": 0.1, "mamlpp_msl_epochs": 3,
                "iterations_per_epoch": 100, "meta_lr_schedule": "cosine"},
     "anil": {"algo": "anil"},
+    # 5 SGD steps on the task's support and query images (Reptile's Alg. 2, its default here)
     "reptile": {"algo": "reptile", "inner_steps": 5, "inner_lr": 0.1},
-    "imaml": {"algo": "imaml", "inner_steps": 10, "inner_lr": 0.1, "imaml_lambda": 2.0},
+    # evaluated up to the 10 steps it trains with
+    "imaml": {"algo": "imaml", "inner_steps": 10, "inner_lr": 0.1, "imaml_lambda": 2.0,
+              "eval_steps": 10},
+    # the CAVIA paper's image setting (§4.2): a 100-entry context through FiLM after the third
+    # block, 2 steps of 1.0
+    "cavia": {"algo": "cavia", "inner_lr": 1.0, "inner_steps": 2, "cavia_context_dim": 100},
     "blackbox": {"algo": "blackbox"},
 }
 
 
-def run_one(name: str, iterations: int, task: str, meta_batch: int) -> dict:
+def commit_result(name: str, task: str, out: str, training: dict, command: str) -> str:
+    """Copies the run's ``eval.json`` (plus ``training``) and ``config.yaml`` into
+    ``results/family-<task>-<name>/`` with a README naming the command and the budget."""
+    folder = os.path.join(RESULTS, f"family-{task}-{name}")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(out, "eval.json")) as f:
+        evaluation = json.load(f)
+    with open(os.path.join(folder, "eval.json"), "w") as f:
+        json.dump({**evaluation, "training": training}, f, indent=1)
+    shutil.copyfile(os.path.join(out, "config.yaml"), os.path.join(folder, "config.yaml"))
+    settings = (ALGORITHMS if task == "sinusoid" else OMNIGLOT_ALGORITHMS)[name]
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(
+            f"# family-{task}-{name}: {name} in the family comparison on {task}\n\n"
+            f"- Command: `{command}` (this row: `--only {name}`; run directory {out}).\n"
+            "- Settings beyond the task's `paper` preset, the budget above, validation every "
+            f"iterations/5 and no pretrained baseline: {json.dumps(settings) if settings else 'none'}"
+            "; the full resolved settings are in config.yaml.\n"
+            f"- Iterations: {training['iterations']}; evaluated checkpoint: "
+            f"{evaluation['checkpoint']} (iteration {evaluation['iteration']}).\n"
+            f"- Wall time: {training['seconds']:.0f} s of training and validation, "
+            f"{training['ms_per_iteration']} ms per iteration, one thread; load average "
+            f"{training['load_average'][0]:.1f} at the start and {training['load_average'][1]:.1f} "
+            "at the end (2 cores).\n")
+    return folder
+
+
+def run_one(name: str, iterations: int, task: str, meta_batch: int, command: str) -> dict:
     from metagrad.config import resolve
     from metagrad.training.loop import train
     from metagrad.training.report import evaluate_run
@@ -82,6 +120,7 @@ def run_one(name: str, iterations: int, task: str, meta_batch: int) -> dict:
     cfg = resolve(task, "paper", settings)
     resume = os.path.isdir(os.path.join(out, "checkpoints"))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     trainer = train(None if resume else cfg, out, resume=resume, progress=False)
     seconds = time.perf_counter() - start
@@ -95,9 +134,12 @@ def run_one(name: str, iterations: int, task: str, meta_batch: int) -> dict:
         # after 1 step, the number trained with (e.g. MAML++: 5) and the last evaluated
         scores = {f"{metric}_{k}": score[k]
                   for k in sorted({1, cfg.inner_steps, cfg.eval_steps}) if k in score}
-    return {"algorithm": name, "task": task, "iterations": trainer.iteration, **scores,
-            "ms_per_iteration": round(1e3 * seconds / max(iterations, 1), 2),
-            "peak_memory_growth_mib": round(peak / 1024, 1)}
+    training = {"iterations": trainer.iteration, "seconds": round(seconds, 1),
+                "ms_per_iteration": round(1e3 * seconds / max(iterations, 1), 1),
+                "peak_memory_growth_mib": round(peak / 1024),
+                "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    folder = commit_result(name, task, out, training, command)
+    return {"algorithm": name, "task": task, **scores, **training, "results": folder}
 
 
 def main() -> None:
@@ -109,8 +151,13 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.child, args.iterations, args.task, args.meta_batch)),
-              flush=True)
+        command = ("OMP_WAIT_POLICY=PASSIVE " + ("METAGRAD_DATA=../shared/data/omniglot "
+                                                  if args.task == "omniglot" else "")
+                   + f"python benchmarks/compare_algorithms.py --task {args.task} "
+                   f"--iterations {args.iterations}"
+                   + (f" --meta-batch {args.meta_batch}" if args.task == "omniglot" else ""))
+        print(json.dumps(run_one(args.child, args.iterations, args.task, args.meta_batch,
+                                 command)), flush=True)
         return
     table = ALGORITHMS if args.task == "sinusoid" else OMNIGLOT_ALGORITHMS
     for name in args.only or list(table):
