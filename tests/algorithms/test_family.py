@@ -161,6 +161,50 @@ def test_reptile_update_is_theta_plus_epsilon_mean_difference(inner_data):
         assert not torch.equal(p.detach(), theta[n])
 
 
+def test_reptile_minibatch_steps_are_sgd_on_consecutive_blocks_of_a_shuffled_task():
+    """``inner_batch`` = b: step k is an SGD step on examples [k·b, (k+1)·b) of the task's
+    support+query data in a random order, a new permutation once all n are used (here n = 13,
+    b = 5, 4 steps: the 20 examples span two permutations). φᵢ by ``torch.optim.SGD`` on those
+    blocks, the permutations drawn as documented from the same global seed."""
+    batch = tasks()
+    model = mlp()
+    steps, b, lr, eps = 4, 5, 0.05, 0.5
+    reptile = Reptile(copy.deepcopy(model), F.mse_loss, inner_lr=lr, inner_steps=steps,
+                      inner_batch=b)
+    torch.manual_seed(123)
+    opt = torch.optim.SGD(reptile.parameters(), lr=eps)
+    opt.zero_grad()
+    reptile.meta_gradient(batch)
+    opt.step()
+    torch.manual_seed(123)
+    n = batch.support_y.shape[1] + batch.query_y.shape[1]
+    order = torch.rand(3, 2, n).argsort(-1).reshape(3, -1)
+    phis = []
+    for i, (sx, sy, qx, qy) in enumerate(zip(batch.support_x, batch.support_y, batch.query_x,
+                                            batch.query_y, strict=True)):
+        x, y = torch.cat([sx, qx]), torch.cat([sy, qy])
+        phi = copy.deepcopy(model)
+        sgd = torch.optim.SGD(phi.parameters(), lr=lr)
+        for k in range(steps):
+            idx = order[i, k * b:(k + 1) * b]
+            sgd.zero_grad()
+            F.mse_loss(phi(x[idx]), y[idx]).backward()
+            sgd.step()
+        phis.append(dict(phi.named_parameters()))
+    theta = dict(model.named_parameters())
+    for name, p in reptile.params().items():
+        expected = theta[name] + eps * torch.stack([phi[name] - theta[name]
+                                                    for phi in phis]).mean(0)
+        torch.testing.assert_close(p.detach(), expected.detach(), rtol=1e-12, atol=1e-12)
+    full = grads_of(Reptile(mlp(), F.mse_loss, inner_lr=lr, inner_steps=steps), batch)
+    mini = grads_of(Reptile(mlp(), F.mse_loss, inner_lr=lr, inner_steps=steps, inner_batch=b),
+                    batch)
+    assert any(not torch.allclose(full[k], mini[k]) for k in full)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ConfigError, match="reptile_inner_batch must be a positive integer"):
+            Reptile(mlp(), F.mse_loss, inner_batch=bad)
+
+
 def test_reptile_inner_data_changes_the_update_and_is_checked():
     batch = tasks()
     grads = {data: grads_of(Reptile(mlp(), F.mse_loss, inner_lr=0.05, inner_steps=2,
