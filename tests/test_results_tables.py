@@ -63,3 +63,9 @@ def test_extra_columns_come_from_the_training_record(tmp_path):
 
 def test_the_readme_tables_match_the_committed_results():
     assert rt.main(["--check"]) == 0
+
+
+def test_a_non_finite_result_reads_as_diverged(tmp_path):
+    make_run(tmp_path, rows=[ROWS[0], dict(ROWS[1], mean=float("nan"), ci95=float("nan"))])
+    out = rt.generate("<!-- results:t -->\n<!-- /results -->\n", {"t": TABLE}, tmp_path)
+    assert "| MAML | 5 | 2.500 ± 0.010 | diverged (non-finite) | [r](results/r/) |" in out

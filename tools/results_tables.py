@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -56,6 +57,8 @@ def load_run(results: Path, run: str) -> tuple[dict[str, Any], dict[str, Any]]:
 def _cell(row: dict[str, Any] | None, metric: str) -> str:
     if row is None:
         return "–"
+    if not math.isfinite(row["mean"]):
+        return "diverged (non-finite)"
     scale, digits = (100, 2) if metric == "accuracy" else (1, 3)
     return f"{row['mean'] * scale:.{digits}f} ± {row['ci95'] * scale:.{digits}f}"
 
