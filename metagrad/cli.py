@@ -136,6 +136,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--tasks", type=int, help="number of test tasks (default: eval_tasks)")
     ev.add_argument("--steps", type=int, help="largest number of adaptation steps")
     ev.add_argument("--shots", type=int, nargs="+", help="shots to evaluate")
+    ev.add_argument("--report-steps", type=int, nargs="+", metavar="STEP",
+                    help="measure the query set only after these numbers of steps (strictly "
+                    "increasing, up to --steps; default: after every step) — much faster for "
+                    "long adaptations, e.g. --steps 50 --report-steps 0 1 5 10 50")
+    ev.add_argument("--no-baselines", action="store_true",
+                    help="evaluate the meta-learner only (no pretrained and scratch rows, and "
+                    "no tuning of their step sizes on validation tasks)")
     ev.add_argument("--rollouts", type=int, help="rl: episodes per task and adaptation step")
     ev.add_argument("--checkpoint", choices=("best", "last"), default=None,
                     help="which checkpoint (default: best, the validation-selected one)")
@@ -273,19 +280,27 @@ def _print_eval(run_dir: Path, out: Path | None, which: str, **kwargs: Any) -> N
     if hasattr(cfg, "env"):
         from metagrad.training.rl import print_rl_eval
 
+        for flag, value in (("--report-steps", kwargs.pop("report_steps")),
+                            ("--no-baselines", not kwargs.pop("baselines"))):
+            if value:
+                raise ConfigError(f"{flag} applies to supervised runs; {run_dir} is a meta-RL "
+                                  "run (it reports every step up to --steps)")
         kwargs.pop("shots", None)
         kwargs.pop("device", None)
         print_rl_eval(run_dir, which=which, out=out, **kwargs)
         return
     kwargs.pop("rollouts", None)
-    rows, figures = evaluate_run(run_dir, which=which, out=out, **kwargs)
+    baselines = kwargs.pop("baselines")
+    rows, figures = evaluate_run(run_dir, which=which, out=out, scratch=baselines,
+                                 pretrained=baselines, **kwargs)
     metric = "accuracy (%)" if rows and rows[0].ways is not None else "mse"
     data = (out or run_dir) / "eval.json"
     iteration = json.loads(data.read_text())["iteration"]
     print(f"\nevaluating the {which} checkpoint (iteration {iteration}): query {metric}, mean "
           f"± 95% CI over {rows[0].tasks} test tasks, after N steps:")
     steps = sorted({r.steps for r in rows})
-    shown = tuple(s for s in steps if s in (0, 1, 3, 5, 10) or s == steps[-1])
+    shown = tuple(s for s in steps if s in (0, 1, 3, 5, 10) or s == steps[-1]
+                  or kwargs["report_steps"] is not None)
     print(format_table(rows, metric.split()[0], shown))
     for method in conditioning_only(rows):
         print(f"({method} takes no gradient steps: its 0-steps column is its {metric} after "
@@ -368,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out or _eval_dir(args.run_dir, which, args.tasks)
             _print_eval(args.run_dir, out, which=which, tasks=args.tasks,
                         steps=args.steps, shots=args.shots, rollouts=args.rollouts,
-                        device=args.device)
+                        device=args.device, report_steps=args.report_steps,
+                        baselines=not args.no_baselines)
         elif args.command == "presets":
             _presets()
         elif args.command == "data":

@@ -136,8 +136,11 @@ def cli(argv, capsys):
     (["eval", "{maml}", "--steps", "-1"], "--steps"),
     (["eval", "{maml}", "--out", "{file}"], "--out"),
     (["eval", "{maml}", "--out", "{file}/eval"], "--out"),
+    (["eval", "{maml}", "--report-steps", "0", "2"], "strictly increasing integers"),
+    (["eval", "{maml}", "--report-steps", "1", "0"], "strictly increasing integers"),
 ], ids=["binary --config", "--out is a file", "--out below a file", "eval --tasks -3",
-        "eval --steps -1", "eval --out is a file", "eval --out below a file"])
+        "eval --steps -1", "eval --out is a file", "eval --out below a file",
+        "eval --report-steps beyond --steps", "eval --report-steps decreasing"])
 def test_cli_refuses_with_exit_2_and_one_line(runs, tmp_path, capsys, monkeypatch, argv,
                                               message):
     monkeypatch.chdir(tmp_path)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
@@ -145,6 +145,20 @@ def require_positive(name: str, value: object) -> None:
         raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
 
 
+def measured_steps(at: Sequence[int] | None, max_steps: int) -> list[int]:
+    """The numbers of adaptation steps an evaluation curve measures: ``at`` (strictly
+    increasing integers in 0..``max_steps``), or every one of 0..``max_steps`` when ``None``.
+    Raises :class:`ConfigError` otherwise."""
+    if at is None:
+        return list(range(max_steps + 1))
+    steps = list(at)
+    if (not steps or any(not isinstance(k, int) or isinstance(k, bool) for k in steps)
+            or steps != sorted(set(steps)) or steps[0] < 0 or steps[-1] > max_steps):
+        raise ConfigError(f"the steps to measure at must be strictly increasing integers "
+                          f"between 0 and the largest number of steps ({max_steps}), got {at!r}")
+    return steps
+
+
 @runtime_checkable
 class Learner(Protocol):
     """What the trainer and the evaluator call. Learners are ``nn.Module`` s: ``parameters()``
@@ -165,11 +179,12 @@ class Learner(Protocol):
         and returns the batch's mean (query) loss, detached."""
         ...
 
-    def evaluation_curve(self, batch: TaskBatch, max_steps: int, metric: MetricFn) -> Tensor:
-        """``[tasks, max_steps + 1]``: the query metric of each task of ``batch`` after 0, 1, …,
-        ``max_steps`` adaptation steps, without touching the learner's parameters or buffers;
-        ``[tasks, 1]`` for a learner without an inner loop (its metric after conditioning on the
-        support set)."""
+    def evaluation_curve(self, batch: TaskBatch, max_steps: int, metric: MetricFn,
+                         at: Sequence[int] | None = None) -> Tensor:
+        """``[tasks, len(at)]``: the query metric of each task of ``batch`` after each number of
+        adaptation steps in ``at`` (:func:`measured_steps`; default 0, 1, …, ``max_steps``),
+        without touching the learner's parameters or buffers; ``[tasks, 1]`` for a learner
+        without an inner loop (its metric after conditioning on the support set)."""
         ...
 
     def parameters(self, recurse: bool = True) -> Any: ...

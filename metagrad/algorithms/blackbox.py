@@ -34,6 +34,7 @@ running statistics at evaluation (:meth:`BlackBox.predict`, which evaluation use
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
@@ -242,10 +243,11 @@ class BlackBox(nn.Module):
         loss.backward()
         return loss.detach()
 
-    def evaluation_curve(self, batch: TaskBatch, max_steps: int, metric: MetricFn) -> Tensor:
+    def evaluation_curve(self, batch: TaskBatch, max_steps: int, metric: MetricFn,
+                         at: Sequence[int] | None = None) -> Tensor:
         """``[tasks, 1]``: ``metric(predictions, query_y)`` of each task, the black box reading
-        its support set in eval mode (:meth:`predict`); ``max_steps`` does not apply (no inner
-        steps)."""
+        its support set in eval mode (:meth:`predict`); ``max_steps`` and ``at`` do not apply
+        (no inner steps)."""
         check_task_batch(*batch.tensors())
         out = self.predict(batch.support_x, batch.support_y, batch.query_x)
         return torch.stack([metric(o, y) for o, y in zip(out, batch.query_y, strict=True)]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar, Self
 
 import torch
@@ -27,6 +27,7 @@ from metagrad.algorithms.base import (
     LearnerSettings,
     MetricFn,
     NoOptions,
+    measured_steps,
     resolve_options,
 )
 from metagrad.core.batching import (
@@ -375,22 +376,26 @@ class MAML(nn.Module):
             return self._compiled_meta_gradient(batch)
         return self._meta_loss(batch.tensors(), None, backward=True)
 
-    def evaluation_curve(self, batch: TaskBatch, max_steps: int, metric: MetricFn) -> Tensor:
-        """``[tasks, max_steps + 1]``: ``metric(output, query_y)`` of each task of ``batch`` at
-        θ'ₖ, k = 0..``max_steps`` (Eq. 1 from θ), evaluated with slot k of per-step BatchNorm.
+    def evaluation_curve(self, batch: TaskBatch, max_steps: int, metric: MetricFn,
+                         at: Sequence[int] | None = None) -> Tensor:
+        """``[tasks, len(at)]``: ``metric(output, query_y)`` of each task of ``batch`` at θ'ₖ
+        for k in ``at`` (default 0..``max_steps``; Eq. 1 from θ), evaluated with slot k of
+        per-step BatchNorm. Only the measured θ'ₖ meet the query set.
 
         Adaptation starts from a detached θ and takes first-order steps (the same values, no
         graph); queries are evaluated without a graph; the learner's parameters and buffers are
         not modified. Tasks are batched like the meta-gradient (``batching``)."""
         check_task_batch(*batch.tensors())
         _check_steps(max_steps)
+        steps = measured_steps(at, max_steps)
         theta = {n: p.detach() for n, p in self.params().items()}
 
         def task_curve(sx: Inputs, sy: Tensor, qx: Inputs, qy: Tensor) -> Tensor:
-            path = self.adapt(sx, sy, max_steps, first_order=True, trajectory=True, params=theta)
+            path = self.adapt(sx, sy, steps[-1], first_order=True, trajectory=True,
+                              params=theta)
             with torch.no_grad():
-                return torch.stack([metric(self.functional_forward(p, qx, step=k), qy)
-                                    for k, p in enumerate(path)])
+                return torch.stack([metric(self.functional_forward(path[k], qx, step=k), qy)
+                                    for k in steps])
 
         return per_task(task_curve, batch.tensors(), self.batching, self.model,
                         first_order=True).detach()

@@ -13,12 +13,13 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 
-from metagrad.algorithms.base import Learner
+from metagrad.algorithms.base import Learner, measured_steps
 from metagrad.algorithms.maml import MAML
 from metagrad.core.taskbatch import TaskSampler
 
@@ -48,18 +49,26 @@ def mean_ci95(values: Tensor) -> tuple[float, float]:
 
 def evaluation_curves(learner: Learner, sampler: TaskSampler, num_tasks: int, max_steps: int,
                       metric: str, generator: torch.Generator,
-                      device: torch.device | str = "cpu", chunk: int = 50) -> Tensor:
-    """``[num_tasks, max_steps + 1]`` (``[num_tasks, 1]`` without an inner loop): each task's
-    query metric after 0..max_steps adaptation steps (:meth:`Learner.evaluation_curve`), tasks
-    drawn ``chunk`` at a time from ``sampler`` with ``generator``."""
+                      device: torch.device | str = "cpu", chunk: int = 50,
+                      at: Sequence[int] | None = None) -> Tensor:
+    """``[num_tasks, len(curve_steps(learner, max_steps, at))]``: each task's query metric after
+    each number of adaptation steps in ``at`` (default 0..max_steps;
+    :meth:`Learner.evaluation_curve`), tasks drawn ``chunk`` at a time from ``sampler`` with
+    ``generator``."""
     fn = functools.partial(query_metric, metric)
     rows = []
     done = 0
     while done < num_tasks:
         batch = sampler.sample(min(chunk, num_tasks - done), generator).to(device)
-        rows.append(learner.evaluation_curve(batch, max_steps, fn).detach().cpu())
+        rows.append(learner.evaluation_curve(batch, max_steps, fn, at).detach().cpu())
         done += batch.num_tasks
     return torch.cat(rows)
+
+
+def curve_steps(learner: Learner, max_steps: int, at: Sequence[int] | None = None) -> list[int]:
+    """The numbers of steps that label the columns of ``learner``'s evaluation curves: ``at``
+    (default 0..``max_steps``), or ``[0]`` for a learner without an inner loop."""
+    return measured_steps(at, max_steps) if learner.capabilities.inner_loop else [0]
 
 
 def tune_fine_tuning(learner: MAML, sampler: TaskSampler, num_tasks: int, steps: int,
@@ -81,7 +90,7 @@ def tune_fine_tuning(learner: MAML, sampler: TaskSampler, num_tasks: int, steps:
         tuned.inner_lr = learner.inner_lr * scale
         tuned.inner_rates = None
         curves = evaluation_curves(tuned, sampler, num_tasks, steps, metric,
-                                   torch.Generator().manual_seed(seed), device)
+                                   torch.Generator().manual_seed(seed), device, at=[steps])
         score = sign * curves[:, -1].mean().item()
         return (score if math.isfinite(score) else -math.inf, -scale, tuned)
 
@@ -109,8 +118,14 @@ class EvalRow:
 
 
 def rows_from_curves(curves: Tensor, method: str, shots: int, split: str,
-                     ways: int | None = None) -> list[EvalRow]:
+                     ways: int | None = None, steps: Sequence[int] | None = None
+                     ) -> list[EvalRow]:
+    """One row per column of ``curves`` (``[tasks, columns]``), column i labelled ``steps[i]``
+    (default: i)."""
+    steps = range(curves.shape[1]) if steps is None else steps
+    if len(steps) != curves.shape[1]:
+        raise ValueError(f"{len(steps)} step labels for {curves.shape[1]} columns")
     return [
-        EvalRow(method, shots, step, *mean_ci95(curves[:, step]), curves.shape[0], split, ways)
-        for step in range(curves.shape[1])
+        EvalRow(method, shots, step, *mean_ci95(curves[:, i]), curves.shape[0], split, ways)
+        for i, step in enumerate(steps)
     ]

@@ -4,15 +4,18 @@ print the table and draw the figures."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from metagrad.algorithms.base import measured_steps
 from metagrad.distributed import resolve_device
 from metagrad.errors import CheckpointError, ConfigError
 from metagrad.training import checkpoint as ckpt
 from metagrad.training.evaluation import (
     EvalRow,
+    curve_steps,
     evaluation_curves,
     rows_from_curves,
     tune_fine_tuning,
@@ -25,12 +28,16 @@ from metagrad.training.run import TEST_SEED_OFFSET, VAL_SEED_OFFSET
 
 def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | None = None,
                  shots: list[int] | None = None, which: str = "best", scratch: bool = True,
-                 out: str | Path | None = None, device: str | None = None
+                 out: str | Path | None = None, device: str | None = None,
+                 pretrained: bool = True, report_steps: Sequence[int] | None = None
                  ) -> tuple[list[EvalRow], list[Path]]:
     """Evaluates the ``which`` (``"best"``: validation-selected, or ``"last"``) checkpoint of a
-    supervised run on ``tasks`` test tasks (default ``eval_tasks``) after 0..``steps`` steps,
-    beside the baselines, and writes ``eval.json`` and the figures into ``out`` (default: the
-    run directory). Every method sees the same test tasks.
+    supervised run on ``tasks`` test tasks (default ``eval_tasks``) after each number of steps
+    in ``report_steps`` (strictly increasing, within 0..``steps``; default every one of
+    0..``steps``), beside the baselines — ``pretrained`` (if the run trained it) and
+    ``scratch`` unless switched off — and writes ``eval.json`` and the figures into ``out``
+    (default: the run directory). Every method sees the same test tasks. The query set is met
+    only at the reported steps, so a sparse ``report_steps`` makes long evaluations cheaper.
 
     The meta-learner adapts with its own α; each baseline (``pretrained``, ``scratch``)
     fine-tunes with the step size of :func:`~metagrad.training.evaluation.tune_fine_tuning`,
@@ -55,27 +62,31 @@ def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | Non
     except (KeyError, RuntimeError, TypeError) as exc:
         raise CheckpointError(f"{path} does not hold this run's learners ({exc}); it belongs "
                               "to another task, algorithm or model") from None
-    learners = dict(exp.learners)
+    learners = {name: learner for name, learner in exp.learners.items()
+                if pretrained or name != PRETRAINED}
     if scratch:
         learners["scratch"] = exp.scratch_learner()
     tasks = tasks or cfg.eval_tasks
     steps = cfg.eval_steps if steps is None else steps
+    measured_steps(report_steps, steps)  # refuses bad steps before any work
     setup = exp.setup
     for name in [n for n in learners if n != cfg.algo]:
         learners[name] = tune_fine_tuning(
             learners[name], setup.held_out("val", cfg.shots), cfg.val_tasks, steps,
             setup.metric, cfg.seed + VAL_SEED_OFFSET + cfg.shots, exp.device)
     step_sizes = {name: learners[name].inner_lr for name in learners if name != cfg.algo}
-    print("fine-tuning step sizes chosen on the validation tasks: "
-          + ", ".join(f"{name} {lr:g}" for name, lr in step_sizes.items()))
+    if step_sizes:
+        print("fine-tuning step sizes chosen on the validation tasks: "
+              + ", ".join(f"{name} {lr:g}" for name, lr in step_sizes.items()))
     shots = shots or (cfg.eval_shots if setup.classes is None else [cfg.shots])
     rows: list[EvalRow] = []
     for k in shots:
         for name, learner in learners.items():
             gen = torch.Generator().manual_seed(cfg.seed + TEST_SEED_OFFSET + k)
             curves = evaluation_curves(learner, setup.held_out("test", k), tasks, steps,
-                                       setup.metric, gen, exp.device)
-            rows += rows_from_curves(curves, name, k, "test", setup.classes)
+                                       setup.metric, gen, exp.device, at=report_steps)
+            rows += rows_from_curves(curves, name, k, "test", setup.classes,
+                                     curve_steps(learner, steps, report_steps))
     out = run_dir if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(

@@ -20,7 +20,7 @@ from metagrad.errors import ConfigError
 from metagrad.models.conv import Conv4
 from metagrad.models.mlp import MLP, sinusoid_mlp
 from metagrad.tasks.sinusoid import SinusoidTasks
-from metagrad.training.evaluation import evaluation_curves, query_metric
+from metagrad.training.evaluation import curve_steps, evaluation_curves, query_metric
 
 NAMES = list(ALGORITHMS)
 MSE = functools.partial(query_metric, "mse")
@@ -182,3 +182,21 @@ def test_evaluation_curve_in_chunks_equals_one_call(name):
     assert torch.equal(curve, chunked)
     assert all(torch.equal(v, before[k]) for k, v in learner.state_dict().items())
     assert all(p.grad is None for p in learner.parameters())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_evaluation_curve_at_chosen_steps_equals_those_columns_of_the_full_curve(name):
+    learner = build(name)
+    b = batch(tasks=4, seed=3)
+    full = learner.evaluation_curve(b, 5, MSE)
+    sparse = evaluation_curves(learner, FixedSampler(b), 4, 5, "mse", torch.Generator(),
+                               at=[0, 2, 5])
+    steps = curve_steps(learner, 5, [0, 2, 5])
+    assert steps == ([0, 2, 5] if learner.capabilities.inner_loop else [0])
+    torch.testing.assert_close(sparse, full[:, steps], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("at", [[], [1, 1], [2, 1], [-1, 0], [0, 6], [0, 1.5], [True]])
+def test_steps_to_measure_at_are_checked(at):
+    with pytest.raises(ConfigError, match="strictly increasing integers between 0 and"):
+        build("maml").evaluation_curve(batch(), 5, MSE, at=at)

@@ -89,3 +89,28 @@ def test_eval_json_records_the_baselines_step_sizes(tmp_path, capsys):
         assert any(lr == pytest.approx(cfg.inner_lr * s) for s in FINE_TUNE_SCALES)
     printed = capsys.readouterr().out
     assert "step sizes chosen on the validation tasks: pretrained" in printed
+
+
+def test_cli_eval_at_report_steps_without_baselines_matches_the_full_evaluation(tmp_path,
+                                                                               capsys):
+    """``--report-steps`` measures only the listed steps, with the same numbers the full curve
+    has there; ``--no-baselines`` leaves out (and does not tune) pretrained and scratch."""
+    from metagrad.cli import main
+
+    cfg = resolve("sinusoid", "paper", dict(iterations=20, val_every=1000, checkpoint_every=20,
+                                            eval_tasks=20, eval_steps=6, val_tasks=10,
+                                            eval_shots=[5], threads=1))
+    train(cfg, tmp_path / "run", progress=False)
+    assert main(["eval", str(tmp_path / "run"), "--out", str(tmp_path / "full")]) == 0
+    assert main(["eval", str(tmp_path / "run"), "--out", str(tmp_path / "sparse"),
+                 "--report-steps", "0", "2", "6", "--no-baselines"]) == 0
+    assert "step sizes chosen" in capsys.readouterr().out
+    full, sparse = (json.loads((tmp_path / d / "eval.json").read_text())
+                    for d in ("full", "sparse"))
+    assert {r["method"] for r in full["results"]} == {"maml", "pretrained", "scratch"}
+    assert sparse["step_sizes"] == {}
+    expected = {r["steps"]: r["mean"] for r in full["results"] if r["method"] == "maml"}
+    got = {r["steps"]: r["mean"] for r in sparse["results"]}
+    assert [r["method"] for r in sparse["results"]] == ["maml"] * 3
+    assert got.keys() == {0, 2, 6}
+    assert got == pytest.approx({k: expected[k] for k in got}, rel=1e-5)
