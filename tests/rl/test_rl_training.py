@@ -118,6 +118,14 @@ def test_cli_eval_prints_the_table_and_step_sizes(run, capsys):
     assert "step sizes" in out and "maml 0.1, 0.05" in out
 
 
+@pytest.mark.parametrize("flags", [["--report-steps", "0", "1"], ["--no-baselines"]])
+def test_cli_eval_refuses_supervised_only_flags_on_an_rl_run(run, capsys, flags):
+    assert main(["eval", str(run), "--tasks", "2", "--steps", "1", "--rollouts", "2"]
+                + flags) == 2
+    err = capsys.readouterr().err
+    assert f"{flags[0]} applies to supervised runs" in err and "Traceback" not in err
+
+
 def _trajectory(run_dir: Path) -> list[dict]:
     """metrics.jsonl without the wall-clock entries."""
     return [{k: v for k, v in json.loads(line).items() if not k.endswith("seconds")}
