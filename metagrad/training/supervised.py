@@ -90,7 +90,7 @@ class SupervisedJob:
         gen = torch.Generator().manual_seed(cfg.seed + VAL_SEED_OFFSET)
         curves = evaluation_curves(self.exp.learner, self.exp.setup.held_out("val", cfg.shots),
                                    cfg.val_tasks, cfg.inner_steps, self.exp.setup.metric, gen,
-                                   self.exp.device)
+                                   self.exp.device, at=[cfg.inner_steps])
         return mean_ci95(curves[:, -1])[0]
 
     def state_dict(self) -> dict[str, Any]:
