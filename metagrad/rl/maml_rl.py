@@ -93,10 +93,11 @@ class MAMLRL(PolicyLearner):
 
     def _adaptation(self, steps: int, rollouts: int, generator: torch.Generator
                     ) -> Iterator[Episodes]:
-        """α = inner_lr for the first step, eval_inner_lr after; each step adapts on the
-        episodes yielded before it."""
+        """α = inner_lr for the first ``inner_steps`` steps (those trained through), then
+        eval_inner_lr (App. A.2: one step of 0.1, then 0.05); each step adapts on the episodes
+        yielded before it."""
         c = self.config
         for _, data in self._sample_adapting(
                 steps, rollouts, generator,
-                lambda k: c.inner_lr if k == 0 else c.eval_inner_lr):
+                lambda k: c.inner_lr if k < c.inner_steps else c.eval_inner_lr):
             yield data.episodes

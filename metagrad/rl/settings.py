@@ -27,13 +27,14 @@ class RLConfig:
     horizon: int | None = setting(None, "Episode length; None = the environment's (100 "
                                   "navigation, 200 locomotion).", min=1)
     inner_lr: float = setting(0.1, "α of the adaptation steps in training (and of the first "
-                              "step at evaluation).", above=0)
+                              "inner_steps steps at evaluation).", above=0)
     inner_steps: int = setting(1, "Adaptation steps K in training, each on episodes sampled "
                                "with the policy adapted so far.", min=1)
     rl2_episodes: int = setting(2, "RL²: episodes per trial in training (inner_steps + 1 matches "
                                 "MAML's sample budget).", min=1)
-    eval_inner_lr: float = setting(0.05, "α of the second and later adaptation steps at "
-                                   "evaluation (App. A.2).", above=0)
+    eval_inner_lr: float = setting(0.05, "α of the adaptation steps at evaluation after the "
+                                   "first inner_steps (App. A.2: 0.05 after one step of 0.1).",
+                                   above=0)
     first_order: bool = setting(False, "Meta-gradient without the second-order terms of the "
                                 "adaptation steps.")
     max_kl: float = setting(0.01, "TRPO trust region δ on the mean KL.", above=0)

@@ -216,8 +216,9 @@ def print_rl_eval(run_dir: str | Path, out: str | Path | None = None, **kwargs: 
           f"{data['iteration']}): return (mean ± 95% CI over {rows[0].tasks} test tasks; shots = "
           "rollouts per task and step) after N adaptation steps:")
     print(format_table(rows, "return"))
-    print("step sizes (first step, later steps; the baselines' chosen on validation tasks): "
-          + ", ".join(f"{name} {a:g}, {b:g}" for name, (a, b) in data["step_sizes"].items()))
+    print("step sizes (the first inner_steps steps, later steps; the baselines' chosen on "
+          "validation tasks): " + ", ".join(f"{name} {a:g}, {b:g}"
+                                              for name, (a, b) in data["step_sizes"].items()))
     print(f"\nwrote {out / 'eval.json'}")
     for f in figures:
         print(f"figure: {f}")

@@ -86,6 +86,26 @@ def test_baselines_fine_tune_with_the_step_size_that_validates_best():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("inner_steps, expected", [(1, [0.1, 0.05, 0.05]),
+                                                    (2, [0.1, 0.1, 0.05])])
+def test_evaluation_adapts_with_the_trained_step_size_for_the_trained_steps(
+        monkeypatch, inner_steps, expected):
+    """App. A.2: α = inner_lr for the steps trained through, eval_inner_lr after them."""
+    import metagrad.rl.maml_rl as maml_rl
+
+    used = []
+    real = maml_rl.adapt
+
+    def recording(*args, lr, **kwargs):
+        used.append(lr)
+        return real(*args, lr=lr, **kwargs)
+
+    monkeypatch.setattr(maml_rl, "adapt", recording)
+    learner = MAMLRL(tiny(inner_steps=inner_steps))
+    learner.task_returns(learner.env.sample_tasks(2, torch.Generator().manual_seed(0)), 3, 2, 1)
+    assert used == pytest.approx(expected)
+
+
 def test_validation_tasks_do_not_depend_on_the_training_seed():
     one, two = MAMLRL(tiny(seed=0)), MAMLRL(tiny(seed=1))
     assert not torch.equal(one.sample_tasks(), two.sample_tasks())  # training streams differ
