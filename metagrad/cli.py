@@ -280,8 +280,8 @@ def _print_eval(run_dir: Path, out: Path | None, which: str, **kwargs: Any) -> N
     if hasattr(cfg, "env"):
         from metagrad.training.rl import print_rl_eval
 
-        for flag, value in (("--report-steps", kwargs.pop("report_steps")),
-                            ("--no-baselines", not kwargs.pop("baselines"))):
+        for flag, value in (("--report-steps", kwargs.pop("report_steps", None)),
+                            ("--no-baselines", not kwargs.pop("baselines", True))):
             if value:
                 raise ConfigError(f"{flag} applies to supervised runs; {run_dir} is a meta-RL "
                                   "run (it reports every step up to --steps)")
@@ -290,7 +290,7 @@ def _print_eval(run_dir: Path, out: Path | None, which: str, **kwargs: Any) -> N
         print_rl_eval(run_dir, which=which, out=out, **kwargs)
         return
     kwargs.pop("rollouts", None)
-    baselines = kwargs.pop("baselines")
+    baselines = kwargs.pop("baselines", True)
     rows, figures = evaluate_run(run_dir, which=which, out=out, scratch=baselines,
                                  pretrained=baselines, **kwargs)
     metric = "accuracy (%)" if rows and rows[0].ways is not None else "mse"
@@ -300,7 +300,7 @@ def _print_eval(run_dir: Path, out: Path | None, which: str, **kwargs: Any) -> N
           f"± 95% CI over {rows[0].tasks} test tasks, after N steps:")
     steps = sorted({r.steps for r in rows})
     shown = tuple(s for s in steps if s in (0, 1, 3, 5, 10) or s == steps[-1]
-                  or kwargs["report_steps"] is not None)
+                  or kwargs.get("report_steps") is not None)
     print(format_table(rows, metric.split()[0], shown))
     for method in conditioning_only(rows):
         print(f"({method} takes no gradient steps: its 0-steps column is its {metric} after "
