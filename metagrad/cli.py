@@ -269,7 +269,9 @@ def _eval_dir(run_dir: Path, which: str, tasks: int | None) -> Path:
 
 def _default_checkpoint(run_dir: Path) -> str:
     """The validation-selected checkpoint, or the last one of a run never validated."""
-    return "best" if (Path(run_dir) / "checkpoints" / "best.safetensors").is_file() else "last"
+    from metagrad.training.checkpoint import CheckpointDir
+
+    return CheckpointDir(Path(run_dir) / "checkpoints").preferred()
 
 
 def _print_eval(run_dir: Path, out: Path | None, which: str, **kwargs: Any) -> None:

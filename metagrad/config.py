@@ -58,6 +58,10 @@ class RunSettings:
     checkpoint_every: int = setting(1000, "write a checkpoint every N iterations", min=1,
                                     group="run")
     keep_checkpoints: int = setting(3, "how many recent checkpoints to keep", min=1, group="run")
+    init_from: str | None = setting(
+        None, "start the learners' weights (parameters, learned rates, buffers) from this "
+        "checkpoint: a run directory (its best checkpoint, else its last) or a checkpoint file; "
+        "optimizer, schedule, iteration count and random streams start afresh", group="run")
     log: list[Literal["csv", "tensorboard"]] = setting(
         help="also log the metrics.jsonl records to metrics.csv (csv) and/or tensorboard/ "
         "(tensorboard; needs `pip install tensorboard`), e.g. --log csv,tensorboard",

@@ -191,6 +191,17 @@ class PolicyLearner:
         if missing:
             raise CheckpointError(f"not a {self.checkpoint_kind} checkpoint: missing "
                                   f"{sorted(missing)}")
+        self.load_policy(state)
+        self.generator.set_state(state["generator"])
+        self.iteration = int(state["iteration"])
+
+    def load_policy(self, state: dict[str, Any]) -> None:
+        """The policy weights of a :meth:`state_dict` (of a policy for the same environment and
+        hidden sizes), leaving the sampling state and iteration count as they are."""
+        missing = {"config", "policy"} - set(state)
+        if missing:
+            raise CheckpointError(f"not a {self.checkpoint_kind} checkpoint: missing "
+                                  f"{sorted(missing)}")
         saved = RLConfig.from_dict(state["config"])
         if not same_env(saved.env, self.config.env) or saved.hidden != self.config.hidden:
             raise CheckpointError(
@@ -198,5 +209,3 @@ class PolicyLearner:
                 f"env={self.config.env!r}, hidden={self.config.hidden}"
             )
         self.policy.load_state_dict(state["policy"])
-        self.generator.set_state(state["generator"])
-        self.iteration = int(state["iteration"])

@@ -80,6 +80,10 @@ class RLConfig:
                              "same task batches.")
     checkpoint_every: int = setting(10, "Save a checkpoint every this many meta-iterations.", min=1)
     keep_checkpoints: int = setting(3, "Periodic checkpoints kept.", min=1)
+    init_from: str | None = setting(
+        None, "Start the policies from this checkpoint: a run directory (its best checkpoint, "
+        "else its last) or a checkpoint file of the same env and hidden sizes; TRPO's state, "
+        "iteration count and task sampling start afresh.")
     log_every: int = setting(1, "Write metrics.jsonl every this many meta-iterations.", min=1)
     log: tuple[Literal["csv", "tensorboard"], ...] = setting(
         (), "Also log the metrics.jsonl records to metrics.csv (csv) and/or tensorboard/ "

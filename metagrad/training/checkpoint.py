@@ -265,7 +265,29 @@ class CheckpointDir:
             raise CheckpointError(f"no {which} checkpoint in {self.directory}; train first")
         return path, load(path)
 
+    def preferred(self) -> str:
+        """``"best"`` when a validation-selected checkpoint exists, else ``"last"``."""
+        return "best" if (self.directory / "best.safetensors").is_file() else "last"
+
     def latest_state(self) -> dict[str, Any] | None:
         """The newest checkpoint's state, or ``None`` when there is none (nothing to resume)."""
         latest = self.latest()
         return None if latest is None else load(latest)
+
+
+def read_start(source: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint a new run starts its weights from (the ``init_from`` setting): a
+    checkpoint file, or a run directory's validation-selected checkpoint (its last when it was
+    never validated). Errors are one-line :class:`CheckpointError` naming ``init_from``."""
+    path = Path(source)
+    try:
+        if path.is_dir():
+            checkpoints = CheckpointDir(path / "checkpoints")
+            if checkpoints.latest() is None and not (path / "checkpoints" / "best.safetensors"
+                                                     ).is_file():
+                raise CheckpointError(f"{path} holds no checkpoint (pass a run directory of "
+                                      "`metagrad train --out`, or a checkpoint file)")
+            return checkpoints.read(checkpoints.preferred())
+        return path, load(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"init_from: {exc}") from None

@@ -16,7 +16,7 @@ import torch
 
 from metagrad.config import ExperimentConfig, from_dict
 from metagrad.distributed import Distributed, resolve_device
-from metagrad.errors import ConfigError, MetagradError
+from metagrad.errors import CheckpointError, ConfigError, MetagradError
 from metagrad.rl.settings import RLConfig
 from metagrad.training import checkpoint as ckpt
 from metagrad.training.lock import RunLock
@@ -57,8 +57,9 @@ def train(config: Config | None, run_dir: str | Path, resume: bool = False,
           log_interval: float | None = None) -> Run:
     """Trains ``config`` in ``run_dir``; or, with ``resume``, continues the run saved there with
     the settings it started with (``iterations`` may extend it, ``threads`` change). A resumed
-    run continues bit-identically to one never interrupted. ``progress``: a bar on a terminal,
-    else a plain line every ``log_interval`` seconds (default 10)."""
+    run continues bit-identically to one never interrupted. A new run whose ``init_from`` names
+    a checkpoint (or a run directory) starts its learners' weights from it. ``progress``: a bar
+    on a terminal, else a plain line every ``log_interval`` seconds (default 10)."""
     directory = RunDirectory(run_dir)
     if resume:
         stored = config_from_values(directory.read_config(), stored=True)
@@ -74,6 +75,7 @@ def train(config: Config | None, run_dir: str | Path, resume: bool = False,
     elif config is None:
         raise ConfigError("train needs a config unless it resumes a run")
     assert config is not None
+    start = ckpt.read_start(config.init_from) if config.init_from and not resume else None
     require_backends(config.log)
     directory = RunDirectory(run_dir, keep_checkpoints=config.keep_checkpoints)
     device = resolve_device(config.device)
@@ -102,6 +104,11 @@ def train(config: Config | None, run_dir: str | Path, resume: bool = False,
         run = Run(job, directory, config.to_dict())
         if resume:
             run.resume()
+        elif start is not None:
+            try:
+                job.initialise_from(start[1])
+            except CheckpointError as exc:
+                raise CheckpointError(f"init_from {start[0]}: {exc}") from None
         if dist.is_main:
             if resume:
                 directory.record_history("resume", iteration=run.iteration,
@@ -112,7 +119,9 @@ def train(config: Config | None, run_dir: str | Path, resume: bool = False,
                 directory.write_config(config.to_dict())
                 for name, record in job.artifacts.items():
                     (directory.path / name).write_text(json.dumps(record))
-                directory.record_history("start", iterations=config.iterations)
+                directory.record_history("start", iterations=config.iterations, **(
+                    {"init_from": str(start[0]), "init_iteration": start[1].get("iteration")}
+                    if start is not None else {}))
         run.train(progress=progress, interval=log_interval)
         dist.barrier()
     finally:

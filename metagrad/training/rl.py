@@ -28,7 +28,13 @@ from metagrad.training.evaluation import FINE_TUNE_SCALES, EvalRow, rows_from_cu
 from metagrad.training.plots import plot_metric_vs_steps
 from metagrad.training.report import format_table
 from metagrad.training.rl_plots import plot_navigation_trajectories
-from metagrad.training.run import TEST_SEED_OFFSET, VAL_SEED_OFFSET, RunDirectory, diverged
+from metagrad.training.run import (
+    TEST_SEED_OFFSET,
+    VAL_SEED_OFFSET,
+    RunDirectory,
+    diverged,
+    initialise_learners,
+)
 
 _LOCOMOTION = dict(meta_batch=40, rollouts=20, horizon=200, inner_lr=0.1, iterations=500)
 ENV_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -128,6 +134,12 @@ class RLJob:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_learners(self.learners, state)
         ckpt.restore_rng_state(state["rng"])
+
+    def initialise_from(self, state: dict[str, Any]) -> None:
+        """Each learner's policy from ``state``; TRPO's state, the iteration count and the task
+        stream stay fresh."""
+        initialise_learners(self.learners, state,
+                            lambda learner, saved: learner.load_policy(saved))
 
     def synchronised_parameters(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for learner in self.learners.values()

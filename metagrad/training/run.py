@@ -22,7 +22,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -135,9 +135,36 @@ class Job(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def initialise_from(self, state: dict[str, Any]) -> None:
+        """The learners' weights from another run's checkpoint ``state`` (the ``init_from``
+        setting, via :func:`initialise_learners`); everything else stays as constructed."""
+        ...
+
     def synchronised_parameters(self) -> torch.Tensor:
         """The trained parameters, flat: checked identical on every process before a save."""
         ...
+
+
+def initialise_learners(learners: dict[str, Any], state: dict[str, Any],
+                        load: Callable[[Any, Any], None]) -> None:
+    """``load(learner, saved)`` for each of ``learners`` with its saved state in a checkpoint's
+    ``state``; a :class:`CheckpointError` saying what does not fit when a learner is missing or
+    its state does not load."""
+    saved = state.get("learners")
+    if not isinstance(saved, dict):
+        raise CheckpointError("the checkpoint holds no learners")
+    for name, learner in learners.items():
+        if name not in saved:
+            raise CheckpointError(
+                f"the checkpoint holds no {name!r} learner (it has {', '.join(sorted(saved))}); "
+                "start from a run of the same algorithm, or train without the pretrained "
+                "baseline (baseline: false)")
+        try:
+            load(learner, saved[name])
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"the checkpoint's {name!r} learner does not fit this run's "
+                                  f"model and algorithm ({first})") from None
 
 
 def diverged(what: str, iteration: int, directory: Path, advice: str = "") -> TrainingDivergedError:

@@ -17,7 +17,7 @@ from metagrad.distributed import Distributed
 from metagrad.training import checkpoint as ckpt
 from metagrad.training.evaluation import evaluation_curves, mean_ci95
 from metagrad.training.experiment import Experiment
-from metagrad.training.run import VAL_SEED_OFFSET, RunDirectory, diverged
+from metagrad.training.run import VAL_SEED_OFFSET, RunDirectory, diverged, initialise_learners
 
 
 def cosine_lr(iteration: int, iterations: int, initial: float, final: float) -> float:
@@ -106,6 +106,12 @@ class SupervisedJob:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng_state(state["rng"], self.generator)
+
+    def initialise_from(self, state: dict[str, Any]) -> None:
+        """Each learner's parameters, learned rates and buffers from ``state``; the optimizers,
+        the schedule and the task stream stay fresh."""
+        initialise_learners(self.learners, state,
+                            lambda learner, saved: learner.load_state_dict(saved))
 
     def synchronised_parameters(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for learner in self.learners.values()
