@@ -38,17 +38,23 @@ def learning_rate_at(lr: LearningRate, step: int, name: str) -> float | Tensor:
     return lr
 
 
-def gradient_step(loss_fn: Callable[[Params], Tensor], params: Params, names: Collection[str],
-                  lr: LearningRate, step: int, first_order: bool) -> Params:
-    """One step θ' = θ − α∇L(θ) on the parameters ``names``; the others pass through unchanged."""
-    # First order: differentiate at a detached copy, so no graph of the inner backward is built.
+def inner_gradient(loss_fn: Callable[[Params], Tensor], params: Params, names: Collection[str],
+                   first_order: bool) -> Params:
+    """∇L(θ) with respect to the parameters ``names`` (the others held fixed). First order:
+    taken at a detached copy of θ, so no graph of the inner backward is built."""
     source = {n: p.detach() for n, p in params.items()} if first_order else params
     frozen = {n: p for n, p in source.items() if n not in names}
 
     def loss_of_adapted(sub: Params) -> Tensor:
         return loss_fn({**frozen, **sub})
 
-    grads = grad(loss_of_adapted)({n: source[n] for n in names})
+    return grad(loss_of_adapted)({n: source[n] for n in names})
+
+
+def gradient_step(loss_fn: Callable[[Params], Tensor], params: Params, names: Collection[str],
+                  lr: LearningRate, step: int, first_order: bool) -> Params:
+    """One step θ' = θ − α∇L(θ) on the parameters ``names``; the others pass through unchanged."""
+    grads = inner_gradient(loss_fn, params, names, first_order)
     new = {n: params[n] - learning_rate_at(lr, step, n) * grads[n] for n in names}
     return {**params, **new}
 

@@ -214,6 +214,82 @@ def test_reptile_inner_data_changes_the_update_and_is_checked():
         Reptile(mlp(), F.mse_loss, inner_data="query")
 
 
+def test_reptile_adam_inner_steps_are_torch_adam_carried_from_task_to_task():
+    """``inner_optimizer="adam"`` (the paper's code): φᵢ by ``torch.optim.Adam(betas=(0,
+    0.999))`` on the same minibatch blocks, one optimizer for all tasks of two meta-iterations
+    (its state carries over; only the weights restart from θ); evaluation adapts from a copy of
+    that state and leaves it unchanged; the state is part of the checkpointed state."""
+    batch = tasks()
+    model = mlp()
+    steps, b, lr, eps, n = 4, 5, 0.01, 0.5, 13
+    reptile = Reptile(copy.deepcopy(model), F.mse_loss, inner_lr=lr, inner_steps=steps,
+                      inner_batch=b, inner_optimizer="adam")
+    outer = torch.optim.SGD(reptile.parameters(), lr=eps)
+    reference = copy.deepcopy(model)
+    adam = torch.optim.Adam(reference.parameters(), lr=lr, betas=(0.0, 0.999), eps=1e-8)
+    data = list(zip(batch.support_x, batch.support_y, batch.query_x, batch.query_y,
+                    strict=True))
+
+    def load(weights):
+        with torch.no_grad():
+            for name, p in reference.named_parameters():
+                p.copy_(weights[name])
+
+    for iteration in range(2):
+        torch.manual_seed(iteration)
+        outer.zero_grad()
+        reptile.meta_gradient(batch)
+        outer.step()
+        torch.manual_seed(iteration)
+        order = torch.rand(3, 2, n).argsort(-1).reshape(3, -1)
+        theta = {k: p.detach().clone() for k, p in reference.named_parameters()}
+        phis = []
+        for i, (sx, sy, qx, qy) in enumerate(data):
+            x, y = torch.cat([sx, qx]), torch.cat([sy, qy])
+            load(theta)
+            for k in range(steps):
+                idx = order[i, k * b:(k + 1) * b]
+                adam.zero_grad()
+                F.mse_loss(reference(x[idx]), y[idx]).backward()
+                adam.step()
+            phis.append({k: p.detach().clone() for k, p in reference.named_parameters()})
+        load({k: theta[k] + eps * torch.stack([phi[k] - theta[k] for phi in phis]).mean(0)
+              for k in theta})
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(reptile.params()[name].detach(), p.detach(), rtol=1e-10,
+                                   atol=1e-12)
+    t, v = reptile.inner_adam.state()
+    assert t == 2 * 3 * steps
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(v[name], adam.state[p]["exp_avg_sq"], rtol=1e-10, atol=1e-15)
+
+    mse = lambda out, y: F.mse_loss(out, y)  # noqa: E731
+    curve = reptile.evaluation_curve(batch, 3, mse)
+    assert reptile.inner_adam.state()[0] == t
+    saved = copy.deepcopy(adam.state_dict())
+    theta = {k: p.detach().clone() for k, p in reference.named_parameters()}
+    for i, (sx, sy, qx, qy) in enumerate(data):
+        load(theta)
+        adam.load_state_dict(copy.deepcopy(saved))
+        expected = []
+        for k in range(4):
+            with torch.no_grad():
+                expected.append(F.mse_loss(reference(qx), qy))
+            if k < 3:
+                adam.zero_grad()
+                F.mse_loss(reference(sx), sy).backward()
+                adam.step()
+        torch.testing.assert_close(curve[i], torch.stack(expected), rtol=1e-10, atol=1e-12)
+    assert curve[:, 3].mean() < curve[:, 0].mean()
+    state = reptile.state_dict()
+    assert int(state["inner_adam.t"]) == t
+    fresh = Reptile(mlp(seed=1), F.mse_loss, inner_lr=lr, inner_optimizer="adam")
+    fresh.load_state_dict(state)
+    assert fresh.inner_adam.state()[0] == t
+    with pytest.raises(ConfigError, match="reptile_inner_optimizer must be one of"):
+        Reptile(mlp(), F.mse_loss, inner_optimizer="rmsprop")
+
+
 def test_imaml_matches_the_analytic_ridge_regression_meta_gradient():
     """Linear model, L_s(φ) = ½‖Xφ − y‖²/n: φ*(θ) = (A + λI)⁻¹(b + λθ) with A = XᵀX/n, b = Xᵀy/n,
     and dL_q(φ*)/dθ = λ(A + λI)⁻¹ ∇L_q(φ*) exactly."""
