@@ -64,6 +64,19 @@ OMNIGLOT_ALGORITHMS: dict[str, dict] = {
     # 3 "epochs" of 100 iterations, cosine annealing
     "mamlpp": {"algo": "mamlpp", "inner_steps": 3, "inner_lr": 0.1, "mamlpp_msl_epochs": 3,
                "iterations_per_epoch": 100, "meta_lr_schedule": "cosine"},
+    # its ablations: + per-step BatchNorm weights and biases (BNWB; the running statistics,
+    # BNRS, matter only without transductive BatchNorm), + derivative-order annealing (DA: first
+    # order for the first 3 of the 10 "epochs", as the paper's 50 of 150), and both
+    "mamlpp-bn": {"algo": "mamlpp", "inner_steps": 3, "inner_lr": 0.1, "mamlpp_msl_epochs": 3,
+                  "iterations_per_epoch": 100, "meta_lr_schedule": "cosine",
+                  "mamlpp_per_step_bn": True},
+    "mamlpp-da": {"algo": "mamlpp", "inner_steps": 3, "inner_lr": 0.1, "mamlpp_msl_epochs": 3,
+                  "iterations_per_epoch": 100, "meta_lr_schedule": "cosine",
+                  "mamlpp_first_order_epochs": 3},
+    "mamlpp-bn-da": {"algo": "mamlpp", "inner_steps": 3, "inner_lr": 0.1,
+                     "mamlpp_msl_epochs": 3, "iterations_per_epoch": 100,
+                     "meta_lr_schedule": "cosine", "mamlpp_per_step_bn": True,
+                     "mamlpp_first_order_epochs": 3},
     "anil": {"algo": "anil"},
     # 5 SGD steps on the task's support and query images (Reptile's Alg. 2, its default here)
     "reptile": {"algo": "reptile", "inner_steps": 5, "inner_lr": 0.1},
