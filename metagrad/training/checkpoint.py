@@ -283,8 +283,7 @@ def read_start(source: str | Path) -> tuple[Path, dict[str, Any]]:
     try:
         if path.is_dir():
             checkpoints = CheckpointDir(path / "checkpoints")
-            if checkpoints.latest() is None and not (path / "checkpoints" / "best.safetensors"
-                                                     ).is_file():
+            if checkpoints.latest() is None and checkpoints.preferred() == "last":
                 raise CheckpointError(f"{path} holds no checkpoint (pass a run directory of "
                                       "`metagrad train --out`, or a checkpoint file)")
             return checkpoints.read(checkpoints.preferred())
