@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import time
 from collections.abc import Iterable
@@ -209,7 +210,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(args: argparse.Namespace, command: str) -> None:
     from metagrad.training.loop import train
 
     values = _settings(args)
@@ -225,7 +226,8 @@ def _train(args: argparse.Namespace) -> None:
         changes = {k: settings.coerce_field(settings.RunSettings, k, v)
                    for k, v in values.items()}
         run = train(None, args.out, resume=True, progress=True,
-                    log_interval=60.0 if args.no_progress else None, **changes)
+                    log_interval=60.0 if args.no_progress else None, command=command,
+                    **changes)
         out = Path(args.out)
     else:
         cfg = _resolve(args, values)
@@ -236,7 +238,8 @@ def _train(args: argparse.Namespace) -> None:
         out = Path(args.out or f"runs/{'rl-' if args.task == 'rl' else ''}"
                    f"{name.replace(':', '.')}-{time.strftime('%Y%m%d-%H%M%S')}")
         print(f"run directory: {out}")
-        run = train(cfg, out, progress=True, log_interval=60.0 if args.no_progress else None)
+        run = train(cfg, out, progress=True, log_interval=60.0 if args.no_progress else None,
+                    command=command)
     if run.stopped or not run.main or args.no_eval:
         return  # a signal stopped the run (checkpoint written), or another rank evaluates
     _print_eval(out, out=None, which=_default_checkpoint(out))
@@ -375,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             _refuse_unknown(parser, args, extra)
         if args.command == "train":
-            _train(args)
+            _train(args, shlex.join(["metagrad", *argv]))
         elif args.command == "eval":
             which = args.checkpoint or _default_checkpoint(args.run_dir)
             if args.out is not None:

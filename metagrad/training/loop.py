@@ -54,12 +54,13 @@ def make_job(config: Config, directory: RunDirectory, dist: Distributed,
 
 def train(config: Config | None, run_dir: str | Path, resume: bool = False,
           progress: bool = True, iterations: int | None = None, threads: int | None = None,
-          log_interval: float | None = None) -> Run:
+          log_interval: float | None = None, command: str | None = None) -> Run:
     """Trains ``config`` in ``run_dir``; or, with ``resume``, continues the run saved there with
     the settings it started with (``iterations`` may extend it, ``threads`` change). A resumed
     run continues bit-identically to one never interrupted. A new run whose ``init_from`` names
     a checkpoint (or a run directory) starts its learners' weights from it. ``progress``: a bar
-    on a terminal, else a plain line every ``log_interval`` seconds (default 10)."""
+    on a terminal, else a plain line every ``log_interval`` seconds (default 10). ``command``
+    (e.g. the command line) is recorded with the start or resume in ``history.jsonl``."""
     directory = RunDirectory(run_dir)
     if resume:
         stored = config_from_values(directory.read_config(), stored=True)
@@ -110,18 +111,19 @@ def train(config: Config | None, run_dir: str | Path, resume: bool = False,
             except CheckpointError as exc:
                 raise CheckpointError(f"init_from {start[0]}: {exc}") from None
         if dist.is_main:
+            said = {"command": command} if command else {}
             if resume:
                 directory.record_history("resume", iteration=run.iteration,
                                          iterations=config.iterations,
                                          **({"extended_from": previous}
-                                            if config.iterations != previous else {}))
+                                            if config.iterations != previous else {}), **said)
             else:
                 directory.write_config(config.to_dict())
                 for name, record in job.artifacts.items():
                     (directory.path / name).write_text(json.dumps(record))
                 directory.record_history("start", iterations=config.iterations, **(
                     {"init_from": str(start[0]), "init_iteration": start[1].get("iteration")}
-                    if start is not None else {}))
+                    if start is not None else {}), **said)
         run.train(progress=progress, interval=log_interval)
         dist.barrier()
     finally:

@@ -6,7 +6,8 @@ the best-validated checkpoint, periodic checkpoints, SIGINT/SIGTERM, exact resum
 output. Every process of a ``torchrun`` job runs the loop; rank 0 alone writes files.
 
 A run directory holds ``config.yaml`` (the resolved settings the run started with),
-``history.jsonl`` (one line per start, resume or extension), ``metrics.jsonl`` (one JSON object
+``history.jsonl`` (one line per start, resume or extension, with the command line when
+given), ``metrics.jsonl`` (one JSON object
 per logged iteration, ``seconds`` cumulative over resumes; also ``metrics.csv`` and
 ``tensorboard/`` when the ``log`` setting asks, see :mod:`metagrad.training.loggers`),
 ``checkpoints/``, ``training_curve.png`` (drawn from ``metrics.jsonl`` whenever the loop ends

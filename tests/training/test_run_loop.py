@@ -151,3 +151,16 @@ def test_off_a_terminal_progress_is_plain_and_short(tmp_path):
     assert len(text.encode()) < 8192, len(text)
     assert "\r" not in text
     assert "600/600" in text and "it/s" in text
+
+
+def test_history_records_the_command_lines_that_started_and_resumed_the_run(tmp_path):
+    run = tmp_path / "run"
+    start = ["train", "sinusoid", "--iterations", "2", "--meta-batch", "5", "--no-eval",
+             "--threads", "1", "--out", str(run)]
+    resume = ["train", "sinusoid", "--resume", "--iterations", "3", "--no-eval", "--out",
+              str(run)]
+    assert main(start) == 0 and main(resume) == 0
+    events = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["start", "resume"]
+    assert [e["command"] for e in events] == [" ".join(["metagrad", *start]),
+                                              " ".join(["metagrad", *resume])]
