@@ -7,9 +7,9 @@ output. Every process of a ``torchrun`` job runs the loop; rank 0 alone writes f
 
 A run directory holds ``config.yaml`` (the resolved settings the run started with),
 ``history.jsonl`` (one line per start, resume or extension, with the command line when
-given), ``metrics.jsonl`` (one JSON object
-per logged iteration, ``seconds`` cumulative over resumes; also ``metrics.csv`` and
-``tensorboard/`` when the ``log`` setting asks, see :mod:`metagrad.training.loggers`),
+given), ``metrics.jsonl`` (one JSON object per logged iteration, ``seconds`` cumulative over
+resumes; also ``metrics.csv`` and ``tensorboard/`` when the ``log`` setting asks, see
+:mod:`metagrad.training.loggers`),
 ``checkpoints/``, ``training_curve.png`` (drawn from ``metrics.jsonl`` whenever the loop ends
 without an error) and, after evaluation, ``eval.json`` and figures.
 """
