@@ -62,7 +62,7 @@ def test_options_keep_the_configuration_names():
     assert [f.name for f in dataclasses.fields(BlackBoxOptions)] == [
         "blackbox_width", "blackbox_layers", "blackbox_heads"]
     assert [f.name for f in dataclasses.fields(ALGORITHMS.get("reptile").Options)] == [
-        "reptile_inner_data", "reptile_inner_batch"]
+        "reptile_inner_data", "reptile_inner_batch", "reptile_inner_optimizer"]
     for name in ("maml", "metasgd", "anil", "pretrained"):
         assert ALGORITHMS.get(name).Options is NoOptions
 
