@@ -97,6 +97,8 @@ def train(config: Config | None, run_dir: str | Path, resume: bool = False,
             refusal = exc
     if dist.any(refusal is not None):
         lock.release()
+        if dist.is_main:
+            directory.discard_if_unused()
         raise refusal or ConfigError("the main process refused to start the run (its message "
                                      "says why)")
     try:
@@ -128,4 +130,6 @@ def train(config: Config | None, run_dir: str | Path, resume: bool = False,
         dist.barrier()
     finally:
         lock.release()
+        if dist.is_main and not resume and not directory.config_path.exists():
+            directory.discard_if_unused()  # the run failed to start: leave no empty directory
     return run

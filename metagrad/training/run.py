@@ -58,6 +58,7 @@ class RunDirectory:
     def __init__(self, path: str | Path, keep_checkpoints: int = 3) -> None:
         self.path = Path(path)
         self.checkpoints = ckpt.CheckpointDir(self.path / "checkpoints", keep=keep_checkpoints)
+        self.created: list[Path] = []  # the directories prepare() made, deepest first
 
     @property
     def config_path(self) -> Path:
@@ -74,6 +75,7 @@ class RunDirectory:
         """Creates the directory, or explains why it cannot be one."""
         check_directory(self.path)
         try:
+            self.created = [p for p in (self.path, *self.path.parents) if not p.exists()]
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".write-test-{os.getpid()}"
             probe.write_text("")
@@ -81,6 +83,23 @@ class RunDirectory:
         except OSError as exc:
             raise ConfigError(f"cannot write the run directory {self.path} "
                               f"({exc.strerror or exc}); choose another --out") from None
+
+    def discard_if_unused(self, leftovers: tuple[str, ...] = (".lock",)) -> None:
+        """Removes the directory (and the parents :meth:`prepare` made for it) when ``prepare``
+        created it and a run never started in it (it holds nothing but ``leftovers``), so a
+        refused start leaves no empty run behind."""
+        if not self.created or not self.path.is_dir():
+            return
+        entries = list(self.path.iterdir())
+        if not all(p.name in leftovers and p.is_file() for p in entries):
+            return
+        for p in entries:
+            p.unlink()
+        for directory in self.created:
+            try:
+                directory.rmdir()  # fails, and stops, at a parent something else now uses
+            except OSError:
+                return
 
     def read_config(self) -> dict[str, Any]:
         """The settings in ``config.yaml``, or a clear error when absent or damaged."""

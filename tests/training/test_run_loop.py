@@ -164,3 +164,19 @@ def test_history_records_the_command_lines_that_started_and_resumed_the_run(tmp_
     assert [e["event"] for e in events] == ["start", "resume"]
     assert [e["command"] for e in events] == [" ".join(["metagrad", *start]),
                                               " ".join(["metagrad", *resume])]
+
+
+def test_a_run_that_fails_to_start_leaves_no_directory_behind(tmp_path, capsys):
+    """A start refused after the run directory was made (here: an environment that cannot be
+    imported) removes the directories it made, parents included, and keeps one the user made."""
+    made = tmp_path / "new" / "run"
+    code = main(["train", "rl", "--env", "no_such_module:make", "--iterations", "1",
+                 "--no-eval", "--out", str(made)])
+    err = capsys.readouterr().err
+    assert code == 2 and "no_such_module" in err and "Traceback" not in err
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert main(["train", "rl", "--env", "no_such_module:make", "--iterations", "1",
+                 "--no-eval", "--out", str(mine)]) == 2
+    assert mine.is_dir()
