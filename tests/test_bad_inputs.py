@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from metagrad import MAML, MetagradError, TaskBatch
+from metagrad import MAML, BlackBox, MetagradError, TaskBatch
 from metagrad.cli import main
 from metagrad.config import resolve
 from metagrad.models.mlp import MLP
@@ -71,6 +71,19 @@ API = [
                  id="nothing to adapt: adapt selects none"),
     pytest.param(lambda: MAML(layernorm(), F.mse_loss, batching="vmap").meta_gradient(batch()),
                  "batching='vmap'", id="forced vmap through LayerNorm, second order"),
+    pytest.param(lambda: MAML(mlp(), "mse"), "loss_fn must be a function",
+                 id="a loss that is not callable"),
+    pytest.param(lambda: BlackBox(mlp(), 8, None), "loss_fn must be a function",
+                 id="a black box without a loss"),
+    pytest.param(lambda: MAML(mlp(), lambda out, y: (out - y) ** 2).meta_gradient(batch()),
+                 "scalar tensor", id="a per-example loss (meta-training, tasks vmapped)"),
+    pytest.param(lambda: MAML(mlp(), lambda out, y: (out - y) ** 2, batching="loop").adapt(
+        torch.randn(5, 1), torch.randn(5, 1)), "scalar tensor", id="a per-example loss (adapt)"),
+    pytest.param(lambda: MAML(mlp(), F.mse_loss).meta_gradient([batch()]), "expected a TaskBatch",
+                 id="a list instead of a TaskBatch"),
+    pytest.param(lambda: MAML(mlp(), F.mse_loss).evaluation_curve(
+        batch().tensors(), 1, F.mse_loss), "expected a TaskBatch",
+                 id="a tuple of tensors instead of a TaskBatch"),
 ]
 
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from metagrad.algorithms.base import Capabilities
 from metagrad.algorithms.maml import MAML
-from metagrad.core.taskbatch import TaskBatch, check_task_batch, map_inputs
+from metagrad.core.taskbatch import TaskBatch, check_task_batch, map_inputs, task_tensors
 
 
 class Pretrained(MAML):
@@ -34,7 +34,7 @@ class Pretrained(MAML):
         return True
 
     def meta_gradient(self, batch: TaskBatch) -> Tensor:
-        check_task_batch(*batch.tensors())
+        check_task_batch(*task_tensors(batch))
         x = map_inputs(lambda s, q: torch.cat([s, q], dim=1).flatten(0, 1), batch.support_x,
                        batch.query_x)
         y = torch.cat([batch.support_y, batch.query_y], dim=1).flatten(0, 1)

@@ -49,7 +49,14 @@ from metagrad.algorithms.base import (
     require_integer,
     resolve_options,
 )
-from metagrad.core.taskbatch import LossFn, TaskBatch, check_task_batch
+from metagrad.core.taskbatch import (
+    LossFn,
+    TaskBatch,
+    check_loss_fn,
+    check_task_batch,
+    scalar_loss,
+    task_tensors,
+)
 from metagrad.errors import ConfigError
 
 
@@ -128,6 +135,7 @@ class BlackBox(nn.Module):
                             ("heads", heads), ("target_dim", target_dim)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"BlackBox {name} must be a positive integer, got {value!r}")
+        check_loss_fn(loss_fn)
         if classes is not None and (not isinstance(classes, int) or classes < 2):
             raise ConfigError(f"BlackBox classes must be an integer >= 2 or None (regression), "
                               f"got {classes!r}")
@@ -235,11 +243,11 @@ class BlackBox(nn.Module):
         """The query loss, averaged over tasks and queries (the graph is kept)."""
         check_task_batch(support_x, support_y, query_x, query_y)
         out = self(support_x, support_y, query_x)
-        return self.loss_fn(out.flatten(0, 1), query_y.flatten(0, 1))
+        return scalar_loss(self.loss_fn, out.flatten(0, 1), query_y.flatten(0, 1))
 
     def meta_gradient(self, batch: TaskBatch) -> Tensor:
         """Accumulates the gradient of the query loss of ``batch`` into ``.grad``; returns it."""
-        loss = self.meta_loss(*batch.tensors())
+        loss = self.meta_loss(*task_tensors(batch))
         loss.backward()
         return loss.detach()
 
@@ -248,7 +256,7 @@ class BlackBox(nn.Module):
         """``[tasks, 1]``: ``metric(predictions, query_y)`` of each task, the black box reading
         its support set in eval mode (:meth:`predict`); ``max_steps`` and ``at`` do not apply
         (no inner steps)."""
-        check_task_batch(*batch.tensors())
+        check_task_batch(*task_tensors(batch))
         out = self.predict(batch.support_x, batch.support_y, batch.query_x)
         return torch.stack([metric(o, y) for o, y in zip(out, batch.query_y, strict=True)]
                            ).unsqueeze(1)

@@ -31,7 +31,7 @@ from metagrad.algorithms.maml import MAML
 from metagrad.core.batching import per_task
 from metagrad.core.functional import Params, double_backward_kernels
 from metagrad.core.solvers import guarded_conjugate_gradient
-from metagrad.core.taskbatch import Inputs, LossFn, TaskBatch, check_task_batch
+from metagrad.core.taskbatch import Inputs, LossFn, TaskBatch, check_task_batch, task_tensors
 from metagrad.errors import ConfigError
 
 
@@ -147,7 +147,7 @@ class IMAML(MAML):
         return as_params(guarded_conjugate_gradient(matvec, b, self.cg_iterations)), query_loss
 
     def meta_gradient(self, batch: TaskBatch) -> Tensor:
-        tasks = batch.tensors()
+        tasks = task_tensors(batch)
         check_task_batch(*tasks)
         buffers = self.functional.buffers()
 

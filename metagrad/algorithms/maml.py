@@ -55,11 +55,13 @@ from metagrad.core.taskbatch import (
     LossFn,
     TaskBatch,
     call_arguments,
-    check_output,
+    check_loss_fn,
     check_pair,
     check_task_batch,
     describe,
+    scalar_loss,
     task_slices,
+    task_tensors,
 )
 from metagrad.errors import ConfigError
 
@@ -130,6 +132,7 @@ class MAML(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_loss_fn(loss_fn)
         if not isinstance(inner_steps, int) or inner_steps < 1:
             raise ConfigError(f"inner_steps must be a positive integer, got {inner_steps!r}")
         if not _is_finite_positive(inner_lr):
@@ -256,8 +259,7 @@ class MAML(nn.Module):
     def output_loss(self, output: Tensor, y: Tensor) -> Tensor:
         """``loss_fn(output, y)``, refusing a floating-point target that would broadcast
         against the output (:func:`~metagrad.core.taskbatch.check_output`)."""
-        check_output(output, y)
-        return self.loss_fn(output, y)
+        return scalar_loss(self.loss_fn, output, y)
 
     def loss(self, params: Params, x: Inputs, y: Tensor,
              buffers: dict[str, Tensor] | None = None, *,
@@ -360,7 +362,7 @@ class MAML(nn.Module):
                 lambda p, *data: functional_call(self, p, data)), dynamic=False)
         live = dict(self.named_parameters())
         grads, loss = self._compiled_gradient({n: p.detach() for n, p in live.items()},
-                                              *batch.tensors())
+                                              *task_tensors(batch))
         for name, p in live.items():
             if p.requires_grad:
                 p.grad = grads[name] if p.grad is None else p.grad + grads[name]
@@ -374,7 +376,7 @@ class MAML(nn.Module):
         back-propagated and freed before the next is built (peak memory of one task, not all)."""
         if self.compile:
             return self._compiled_meta_gradient(batch)
-        return self._meta_loss(batch.tensors(), None, backward=True)
+        return self._meta_loss(task_tensors(batch), None, backward=True)
 
     def evaluation_curve(self, batch: TaskBatch, max_steps: int, metric: MetricFn,
                          at: Sequence[int] | None = None) -> Tensor:
@@ -385,7 +387,7 @@ class MAML(nn.Module):
         Adaptation starts from a detached θ and takes first-order steps (the same values, no
         graph); queries are evaluated without a graph; the learner's parameters and buffers are
         not modified. Tasks are batched like the meta-gradient (``batching``)."""
-        check_task_batch(*batch.tensors())
+        check_task_batch(*task_tensors(batch))
         _check_steps(max_steps)
         steps = measured_steps(at, max_steps)
         theta = {n: p.detach() for n, p in self.params().items()}
@@ -397,7 +399,7 @@ class MAML(nn.Module):
                 return torch.stack([metric(self.functional_forward(path[k], qx, step=k), qy)
                                     for k in steps])
 
-        return per_task(task_curve, batch.tensors(), self.batching, self.model,
+        return per_task(task_curve, task_tensors(batch), self.batching, self.model,
                         first_order=True).detach()
 
     def _meta_loss(self, tasks: tuple[Inputs, Tensor, Inputs, Tensor], steps: int | None,

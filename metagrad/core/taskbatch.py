@@ -137,6 +137,40 @@ class TaskBatch:
         return self.support_x, self.support_y, self.query_x, self.query_y
 
 
+def task_tensors(batch: object) -> tuple[Inputs, Tensor, Inputs, Tensor]:
+    """``batch.tensors()``, or a clear error when ``batch`` is not a :class:`TaskBatch`."""
+    if not isinstance(batch, TaskBatch):
+        raise ConfigError(
+            f"expected a TaskBatch, got {type(batch).__name__}: sample one from a task "
+            "distribution (tasks.sample(n, generator)) or build it as TaskBatch(support_x, "
+            "support_y, query_x, query_y) from tensors [tasks, examples, ...]; or call "
+            "meta_loss(support_x, support_y, query_x, query_y) with the tensors")
+    return batch.tensors()
+
+
+def check_loss_fn(loss_fn: object) -> None:
+    """Refuses a ``loss_fn`` that cannot be called as ``loss_fn(output, target)``."""
+    if not callable(loss_fn):
+        raise ConfigError(
+            f"loss_fn must be a function loss_fn(output, target) -> scalar tensor (e.g. "
+            f"torch.nn.functional.cross_entropy or mse_loss), got {type(loss_fn).__name__} "
+            f"{loss_fn!r:.60}")
+
+
+def scalar_loss(loss_fn: LossFn, output: Tensor, target: Tensor) -> Tensor:
+    """``loss_fn(output, target)`` after :func:`check_output`, refusing a result that is not a
+    scalar tensor (a per-example loss would otherwise fail deep inside ``torch.func.grad``)."""
+    check_output(output, target)
+    loss = loss_fn(output, target)
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        got = (f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor)
+               else type(loss).__name__)
+        raise ConfigError(
+            f"loss_fn must return a scalar tensor (the mean over the examples), got {got}; "
+            "reduce it (reduction='mean', or .mean() at the end of your function)")
+    return loss
+
+
 class TaskSampler(Protocol):
     """Anything that draws a :class:`TaskBatch` of ``num_tasks`` tasks from a generator."""
 
