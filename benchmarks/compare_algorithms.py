@@ -40,6 +40,9 @@ RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ALGORITHMS: dict[str, dict] = {
     "maml": {},
     "maml-fo": {"algo": "maml", "first_order": True},
+    # queries normalised with the running statistics at test time (each prediction independent
+    # of the other queries), against the paper's transductive batch statistics
+    "maml-non-transductive": {"algo": "maml", "transductive": False},
     "metasgd": {"algo": "metasgd"},
     # MSL, cosine annealing and the learned per-step rates (LSLR, in log space so they stay
     # positive)
@@ -59,6 +62,9 @@ ALGORITHMS: dict[str, dict] = {
 OMNIGLOT_ALGORITHMS: dict[str, dict] = {
     "maml": {},
     "maml-fo": {"algo": "maml", "first_order": True},
+    # queries normalised with the running statistics at test time (each prediction independent
+    # of the other queries), against the paper's transductive batch statistics
+    "maml-non-transductive": {"algo": "maml", "transductive": False},
     "metasgd": {"algo": "metasgd"},
     # MAML++'s Omniglot recipe scaled to the budget: 3 steps, LSLR from 0.1, MSL over the first
     # 3 "epochs" of 100 iterations, cosine annealing
