@@ -141,9 +141,20 @@ def validate_fields(obj: Any) -> None:
                     [f"> {above}"] if above is not None else []) + (
                     [f"<= {high}"] if high is not None else []) + (
                     [f"< {below}"] if below is not None else [])
-                kind = "an integer" if isinstance(v, int) else "a finite number"
+                kind = "an integer" if _integer_only(hint) else "a finite number"
                 raise ConfigError(f"{f.name} must be {kind} {' and '.join(parts)}, got {v!r}"
                                   .replace("  ", " "))
+
+
+def _integer_only(hint: Any) -> bool:
+    """Whether the numbers a field of type ``hint`` holds are integers (``int``, ``list[int]``,
+    ``int | None``...) rather than floats."""
+    def numbers(h: Any) -> set[type]:
+        if h in (int, float):
+            return {h}
+        return set().union(*(numbers(a) for a in get_args(h))) if get_args(h) else set()
+
+    return numbers(hint) == {int}
 
 
 def unknown(kind: str, value: str, choices: Iterable[str]) -> str:

@@ -13,6 +13,7 @@ from metagrad import MAML, BlackBox, MetagradError, TaskBatch
 from metagrad.cli import main
 from metagrad.config import resolve
 from metagrad.models.mlp import MLP
+from metagrad.rl import MAMLRL, RLConfig
 from metagrad.training.loop import train
 from metagrad.training.report import evaluate_run
 
@@ -79,6 +80,12 @@ API = [
                  "scalar tensor", id="a per-example loss (meta-training, tasks vmapped)"),
     pytest.param(lambda: MAML(mlp(), lambda out, y: (out - y) ** 2, batching="loop").adapt(
         torch.randn(5, 1), torch.randn(5, 1)), "scalar tensor", id="a per-example loss (adapt)"),
+    pytest.param(lambda: RLConfig(max_kl=0).validate(), "max_kl must be a finite number > 0",
+                 id="a float setting given an integer out of range is named a number"),
+    pytest.param(lambda: RLConfig(hidden=(0,)).validate(), "hidden must be an integer >= 1",
+                 id="an integer list setting out of range is named an integer"),
+    pytest.param(lambda: MAMLRL(RLConfig(meta_batch=2), env=object()),
+                 "lacks obs_dim, act_dim, horizon, sample_tasks", id="an object as environment"),
     pytest.param(lambda: MAML(mlp(), F.mse_loss).meta_gradient([batch()]), "expected a TaskBatch",
                  id="a list instead of a TaskBatch"),
     pytest.param(lambda: MAML(mlp(), F.mse_loss).evaluation_curve(

@@ -18,6 +18,7 @@ from metagrad.distributed import Distributed, resolve_device
 from metagrad.errors import CheckpointError, ConfigError
 from metagrad.rl.baselines import LinearFeatureBaseline
 from metagrad.rl.envs import BatchedEnv, env_from_config, same_env
+from metagrad.rl.envs.base import check_env
 from metagrad.rl.objectives import TRPOObjective
 from metagrad.rl.sampler import Episodes
 from metagrad.rl.settings import RLConfig
@@ -62,6 +63,7 @@ class PolicyLearner:
         self.dist = distributed or Distributed()
         self.device = resolve_device(config.device if device is None else device)
         self.env = env if env is not None else env_from_config(config, self.device)
+        check_env(self.env)
         with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG untouched
             torch.manual_seed(config.seed)
             self.policy = self.policy_class(self.env.obs_dim, self.env.act_dim, config.hidden)
