@@ -200,10 +200,10 @@ class Reptile(MAML):
         return path, t, v
 
     def meta_gradient(self, batch: TaskBatch) -> Tensor:
-        check_task_batch(*task_tensors(batch))
+        sx, sy, qx, qy = tasks = task_tensors(batch)
+        check_task_batch(*tasks)
         theta = {n: p.detach() for n, p in self.params().items()}
 
-        sx, sy, qx, qy = task_tensors(batch)
         if self.inner_data == "task":
             x, y = map_inputs(lambda s, q: torch.cat([s, q], dim=1), sx, qx), torch.cat([sy, qy], 1)
         else:
@@ -266,11 +266,12 @@ class Reptile(MAML):
         paper's code evaluates."""
         if self.inner_adam is None:
             return super().evaluation_curve(batch, max_steps, metric, at)
-        check_task_batch(*task_tensors(batch))
+        tasks = task_tensors(batch)
+        check_task_batch(*tasks)
         steps = measured_steps(at, max_steps)
         theta = {n: p.detach() for n, p in self.params().items()}
         curves = []
-        for sx, sy, qx, qy in task_slices(task_tensors(batch)):
+        for sx, sy, qx, qy in task_slices(tasks):
             t, v = self.inner_adam.state()
             path, _, _ = self._adam_adapt(sx, sy, theta, steps[-1], t, v)
             with torch.no_grad():
