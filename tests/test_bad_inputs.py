@@ -2,6 +2,7 @@
 with status 2 and one line without a traceback, and either message names the setting at fault.
 (The CLI's flag mistakes already covered by tests/test_cli.py are not repeated here.)"""
 
+import re
 import shutil
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from metagrad import MAML, BlackBox, MetagradError, TaskBatch
+from metagrad import IMAML, MAML, BlackBox, MetagradError, Reptile, TaskBatch
 from metagrad.cli import main
 from metagrad.config import resolve
 from metagrad.models.mlp import MLP
@@ -42,6 +43,10 @@ def batch(tasks: int = 2, examples: int = 5, target_shape: tuple = (1,)) -> Task
     x = torch.randn(tasks, examples, 1, generator=g)
     y = torch.randn(tasks, examples, *target_shape, generator=g)
     return TaskBatch(x, y, x, y)
+
+
+def float64_batch() -> TaskBatch:
+    return TaskBatch(*(t.double() for t in batch().tensors()))
 
 
 ONE_TASK_X, ONE_TASK_Y = torch.randn(5, 3), torch.randn(5, 1)
@@ -91,12 +96,24 @@ API = [
     pytest.param(lambda: MAML(mlp(), F.mse_loss).evaluation_curve(
         batch().tensors(), 1, F.mse_loss), "expected a TaskBatch",
                  id="a tuple of tensors instead of a TaskBatch"),
+    pytest.param(lambda: MAML(mlp(), F.mse_loss).meta_gradient(float64_batch()),
+                 "parameters are float32: convert", id="float64 data (meta-training)"),
+    pytest.param(lambda: MAML(mlp(), F.mse_loss).evaluation_curve(float64_batch(), 1, F.mse_loss),
+                 "parameters are float32: convert", id="float64 data (evaluation)"),
+    pytest.param(lambda: Reptile(mlp(), F.mse_loss).meta_gradient(float64_batch()),
+                 "parameters are float32: convert", id="float64 data (Reptile)"),
+    pytest.param(lambda: MAML(mlp(3), F.mse_loss).adapt(torch.randn(5, 2), torch.randn(5, 1)),
+                 "could not process the inputs (5, 2) float32", id="an input size (adapt)"),
+    pytest.param(lambda: IMAML(mlp(3), F.mse_loss).evaluation_curve(batch(), 1, F.mse_loss),
+                 "could not process the inputs (5, 1) float32", id="an input size (iMAML)"),
+    pytest.param(lambda: MAML(MLP([1, 8, 3]), F.cross_entropy).meta_gradient(batch(
+        target_shape=())), "class-index targets must be integers", id="float class targets"),
 ]
 
 
 @pytest.mark.parametrize("call, message", API)
 def test_python_api_refuses_with_a_metagrad_error(call, message):
-    with pytest.raises(MetagradError, match=message.replace("(", r"\(")):
+    with pytest.raises(MetagradError, match=re.escape(message)):
         call()
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Self
 
 import torch
@@ -50,7 +50,6 @@ from metagrad.core.per_step_norm import per_step_norms
 from metagrad.core.precision import Precision, as_float32, check_precision
 from metagrad.core.rates import InnerLearningRates
 from metagrad.core.taskbatch import (
-    MISSING_TASK_DIMENSION,
     Inputs,
     LossFn,
     TaskBatch,
@@ -58,7 +57,8 @@ from metagrad.core.taskbatch import (
     check_loss_fn,
     check_pair,
     check_task_batch,
-    describe,
+    describe_typed,
+    explain_data_error,
     scalar_loss,
     task_slices,
     task_tensors,
@@ -249,12 +249,20 @@ class MAML(nn.Module):
         batch_norm = batch_norm_uses_batch_statistics(self.model) \
             if (self.transductive if batch_statistics is None else batch_statistics) \
             else contextlib.nullcontext()
-        if self.policy.dtype is None:  # fp32: no autocast, no cast
-            with batch_norm:
-                return self.functional(params, buffers, *args, **kwargs)
-        device = next(iter(params.values())).device
-        with batch_norm, self.policy.autocast(device, support):
-            return as_float32(self.functional(params, buffers, *args, **kwargs))
+        reference = next(iter(params.values()))
+        try:
+            if self.policy.dtype is None:  # fp32: no autocast, no cast
+                with batch_norm:
+                    return self.functional(params, buffers, *args, **kwargs)
+            with batch_norm, self.policy.autocast(reference.device, support):
+                return as_float32(self.functional(params, buffers, *args, **kwargs))
+        except (RuntimeError, IndexError) as exc:
+            error = explain_data_error(exc, f"the model could not process the inputs "
+                                       f"{describe_typed(x)}", reference,
+                                       "the model's parameters")
+            if error is None:
+                raise
+            raise error from exc
 
     def output_loss(self, output: Tensor, y: Tensor) -> Tensor:
         """``loss_fn(output, y)``, refusing a floating-point target that would broadcast
@@ -416,7 +424,7 @@ class MAML(nn.Module):
         # updated in place task after task: vmap can batch neither
         batching: Batching = "loop" if self.checkpoint_inner_steps \
             or self._writes_running_statistics() else self.batching
-        with double_backward_kernels(not self.first_order), _explain_model_errors(tasks[0]):
+        with double_backward_kernels(not self.first_order):
             if backward and not use_vmap(batching, self.model, self.first_order,
                                          examples_per_task(tasks)):
                 n = tasks[1].shape[0]
@@ -457,17 +465,3 @@ def _is_finite_positive(value: object) -> bool:
         value = value.item()
     return (isinstance(value, int | float) and not isinstance(value, bool)
             and math.isfinite(value) and value > 0)
-
-
-@contextlib.contextmanager
-def _explain_model_errors(support_x: Inputs) -> Iterator[None]:
-    """A shape mismatch between the data and the model is a user error: say so."""
-    try:
-        yield
-    except (RuntimeError, IndexError) as exc:
-        if isinstance(exc, RuntimeError) and "shape" not in str(exc) and "size" not in str(exc):
-            raise
-        raise ConfigError(
-            f"the model or loss could not process this task batch (support_x "
-            f"{describe(support_x)} = [tasks, examples, *input]): {str(exc).splitlines()[0]}. "
-            f"{MISSING_TASK_DIMENSION}") from exc

@@ -157,11 +157,56 @@ def check_loss_fn(loss_fn: object) -> None:
             f"{loss_fn!r:.60}")
 
 
+_DATA_ERROR_WORDS = ("shape", "size", "dtype", "scalar type", "device")
+
+
+def explain_data_error(exc: Exception, what: str, reference: Tensor, role: str
+                       ) -> ConfigError | None:
+    """The user error behind ``exc``, raised by a model or a loss called on the user's data
+    (``what`` names the call and the data): a shape, dtype or device that does not fit
+    ``reference``, a tensor of the model (``role`` says which, e.g. "the model's parameters").
+    ``None`` if ``exc`` is not such an error."""
+    message = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__).rstrip(".")
+    if not isinstance(exc, IndexError) and not any(w in message for w in _DATA_ERROR_WORDS):
+        return None
+    dtype = str(reference.dtype).removeprefix("torch.")
+    if "device" in message:
+        hint = f"{role} are on {reference.device}: move the data there (.to('{reference.device}'))"
+    elif "dtype" in message or "scalar type" in message:
+        hint = (f"{role} are {dtype}: convert real-valued data to it (x.to(torch.{dtype})) or "
+                "the model to the data's dtype; class-index targets must be integers "
+                "(torch.long)")
+    else:
+        hint = "each task's inputs are [examples, *input]. " + MISSING_TASK_DIMENSION
+    hint = hint[0].upper() + hint[1:]
+    return ConfigError(f"{what}: {message}. {hint}")
+
+
+def describe_typed(x: object) -> str:
+    """Shapes and dtypes of a tensor or of :data:`Inputs` for error messages: ``(5, 1)
+    float64``, ``[0] (5, 3) float32, [1] (5,) int64``."""
+    if isinstance(x, Tensor):
+        return f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+    if isinstance(x, tuple | dict):
+        items = enumerate(x) if isinstance(x, tuple) else x.items()
+        return ", ".join(f"[{k!r}] {describe_typed(t)}" for k, t in items)
+    return type(x).__name__
+
+
 def scalar_loss(loss_fn: LossFn, output: Tensor, target: Tensor) -> Tensor:
     """``loss_fn(output, target)`` after :func:`check_output`, refusing a result that is not a
-    scalar tensor (a per-example loss would otherwise fail deep inside ``torch.func.grad``)."""
+    scalar tensor (a per-example loss would otherwise fail deep inside ``torch.func.grad``) and
+    explaining a target the loss cannot take (:func:`explain_data_error`)."""
     check_output(output, target)
-    loss = loss_fn(output, target)
+    try:
+        loss = loss_fn(output, target)
+    except (RuntimeError, IndexError) as exc:
+        error = explain_data_error(
+            exc, f"the loss could not compare the model's output {describe_typed(output)} with "
+            f"the targets {describe_typed(target)}", output, "the model's outputs")
+        if error is None:
+            raise
+        raise error from exc
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         got = (f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor)
                else type(loss).__name__)

@@ -76,8 +76,9 @@ class RLConfig:
         10, "Validate every this many meta-iterations: the return averaged over 1..eval_steps "
         "steps on val_tasks tasks of a fixed seed; the best is kept as checkpoints/best.", min=1)
     val_tasks: int = setting(20, "Tasks of the validation.", min=1)
-    baseline: bool = setting(True, "Also train the pretrained policy (method=pretrain) on the "
-                             "same task batches.")
+    baseline: bool = setting(True, "With method maml, also train the pretrained policy "
+                             "(method=pretrain) on the same task batches; the pretrain and rl2 "
+                             "methods train their one policy only.")
     checkpoint_every: int = setting(10, "Save a checkpoint every this many meta-iterations.", min=1)
     keep_checkpoints: int = setting(3, "Periodic checkpoints kept.", min=1)
     init_from: str | None = setting(

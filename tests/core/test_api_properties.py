@@ -35,7 +35,7 @@ DEFECTS = {
     "support targets miscounted": "support set: ",
     "no task dimension": "expected a leading task dimension",
     "support and query inputs differ": "support and query examples differ in shape",
-    "input size the model cannot take": "could not process this task batch",
+    "input size the model cannot take": "the model could not process the inputs",
 }
 
 OUTCOMES: Counter = Counter()
