@@ -108,6 +108,11 @@ API = [
                  "could not process the inputs (5, 1) float32", id="an input size (iMAML)"),
     pytest.param(lambda: MAML(MLP([1, 8, 3]), F.cross_entropy).meta_gradient(batch(
         target_shape=())), "class-index targets must be integers", id="float class targets"),
+    pytest.param(lambda: MAML(mlp().to("meta"), F.mse_loss).adapt(torch.randn(5, 1),
+                                                              torch.randn(5, 1)),
+                 "parameters are on meta: move the data there", id="data on another device"),
+    pytest.param(lambda: BlackBox.from_model(MLP([1, 8, 1]), F.mse_loss).meta_gradient(
+        float64_batch()), "parameters are float32: convert", id="float64 data (black box)"),
 ]
 
 

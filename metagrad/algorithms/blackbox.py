@@ -54,6 +54,8 @@ from metagrad.core.taskbatch import (
     TaskBatch,
     check_loss_fn,
     check_task_batch,
+    describe_typed,
+    explained_data_errors,
     scalar_loss,
     task_tensors,
 )
@@ -216,7 +218,10 @@ class BlackBox(nn.Module):
         tasks, s = support_x.shape[:2]
         q = query_x.shape[1]
         x = torch.cat([support_x, query_x], dim=1)
-        features = self.encoder(x.flatten(0, 1)).reshape(tasks, s + q, -1)
+        with explained_data_errors(
+                lambda: f"the encoder could not process the inputs {describe_typed(x)}",
+                self.embed.weight, "the model's parameters"):
+            features = self.encoder(x.flatten(0, 1)).reshape(tasks, s + q, -1)
         labels = self._labels(support_y, features.dtype)
         slot = torch.cat([labels, features.new_zeros(tasks, q, self.label_dim)], dim=1)
         known = torch.cat([features.new_ones(tasks, s, 1), features.new_zeros(tasks, q, 1)], dim=1)

@@ -58,7 +58,7 @@ from metagrad.core.taskbatch import (
     check_pair,
     check_task_batch,
     describe_typed,
-    explain_data_error,
+    explained_data_errors,
     scalar_loss,
     task_slices,
     task_tensors,
@@ -250,19 +250,14 @@ class MAML(nn.Module):
             if (self.transductive if batch_statistics is None else batch_statistics) \
             else contextlib.nullcontext()
         reference = next(iter(params.values()))
-        try:
+        with explained_data_errors(
+                lambda: f"the model could not process the inputs {describe_typed(x)}",
+                reference, "the model's parameters"):
             if self.policy.dtype is None:  # fp32: no autocast, no cast
                 with batch_norm:
                     return self.functional(params, buffers, *args, **kwargs)
             with batch_norm, self.policy.autocast(reference.device, support):
                 return as_float32(self.functional(params, buffers, *args, **kwargs))
-        except (RuntimeError, IndexError) as exc:
-            error = explain_data_error(exc, f"the model could not process the inputs "
-                                       f"{describe_typed(x)}", reference,
-                                       "the model's parameters")
-            if error is None:
-                raise
-            raise error from exc
 
     def output_loss(self, output: Tensor, y: Tensor) -> Tensor:
         """``loss_fn(output, y)``, refusing a floating-point target that would broadcast

@@ -11,6 +11,7 @@ the leading ``[tasks, examples, ...]`` dimensions. Targets are one tensor.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -81,15 +82,6 @@ def task_slices(tasks: tuple[Inputs, ...]) -> Iterator[tuple[Inputs, ...]]:
         yield tuple(map_inputs(lambda t, i=i: t[i], x) for x in tasks)
 
 
-def describe(x: Inputs) -> str:
-    """The shapes of ``x`` for error messages: ``(3, 5, 1)`` or ``{'image': (3, 5, 1, 28, 28)}``."""
-    if isinstance(x, Tensor):
-        return str(tuple(x.shape))
-    if isinstance(x, tuple):
-        return "(" + ", ".join(str(tuple(t.shape)) for t in x) + ")"
-    return "{" + ", ".join(f"{k!r}: {tuple(t.shape)}" for k, t in x.items()) + "}"
-
-
 @dataclass(frozen=True)
 class TaskBatch:
     """``support_x``: ``[tasks, n_support, *x_shape]``; ``query_x``: ``[tasks, n_query, *x_shape]``
@@ -158,28 +150,37 @@ def check_loss_fn(loss_fn: object) -> None:
 
 
 _DATA_ERROR_WORDS = ("shape", "size", "dtype", "scalar type", "device")
+MISSING_TASK_DIMENSION = (
+    "A batch of tasks is [tasks, examples, ...]: if this is one task's examples, add the task "
+    "dimension with .unsqueeze(0), or use adapt() for a single task")
+INPUT_SHAPES = "each task's inputs are [examples, *input]. " + MISSING_TASK_DIMENSION
 
 
-def explain_data_error(exc: Exception, what: str, reference: Tensor, role: str
-                       ) -> ConfigError | None:
-    """The user error behind ``exc``, raised by a model or a loss called on the user's data
-    (``what`` names the call and the data): a shape, dtype or device that does not fit
-    ``reference``, a tensor of the model (``role`` says which, e.g. "the model's parameters").
-    ``None`` if ``exc`` is not such an error."""
-    message = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__).rstrip(".")
-    if not isinstance(exc, IndexError) and not any(w in message for w in _DATA_ERROR_WORDS):
-        return None
-    dtype = str(reference.dtype).removeprefix("torch.")
-    if "device" in message:
-        hint = f"{role} are on {reference.device}: move the data there (.to('{reference.device}'))"
-    elif "dtype" in message or "scalar type" in message:
-        hint = (f"{role} are {dtype}: convert real-valued data to it (x.to(torch.{dtype})) or "
-                "the model to the data's dtype; class-index targets must be integers "
-                "(torch.long)")
-    else:
-        hint = "each task's inputs are [examples, *input]. " + MISSING_TASK_DIMENSION
-    hint = hint[0].upper() + hint[1:]
-    return ConfigError(f"{what}: {message}. {hint}")
+@contextlib.contextmanager
+def explained_data_errors(what: Callable[[], str], reference: Tensor, role: str,
+                          shape_hint: str = INPUT_SHAPES) -> Iterator[None]:
+    """Turns the user error behind an exception of a model or a loss called on the user's data
+    into a :class:`ConfigError` that says how to fix it: a shape (``shape_hint``), dtype or
+    device that does not fit ``reference``, a tensor of the model (``role`` says which, e.g.
+    "the model's parameters"). ``what()`` names the call and the data. Other exceptions pass
+    unchanged."""
+    try:
+        yield
+    except (RuntimeError, IndexError) as exc:
+        message = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__).rstrip(".!")
+        if not isinstance(exc, IndexError) and not any(w in message for w in _DATA_ERROR_WORDS):
+            raise
+        dtype = str(reference.dtype).removeprefix("torch.")
+        if "device" in message:
+            hint = (f"{role} are on {reference.device}: move the data there "
+                    f"(.to('{reference.device}'))")
+        elif "dtype" in message or "scalar type" in message:
+            hint = (f"{role} are {dtype}: convert real-valued data to it (x.to(torch.{dtype})) "
+                    "or the model to the data's dtype; class-index targets must be integers "
+                    "(torch.long)")
+        else:
+            hint = shape_hint
+        raise ConfigError(f"{what()}: {message}. {hint[0].upper()}{hint[1:]}") from exc
 
 
 def describe_typed(x: object) -> str:
@@ -198,15 +199,12 @@ def scalar_loss(loss_fn: LossFn, output: Tensor, target: Tensor) -> Tensor:
     scalar tensor (a per-example loss would otherwise fail deep inside ``torch.func.grad``) and
     explaining a target the loss cannot take (:func:`explain_data_error`)."""
     check_output(output, target)
-    try:
+    with explained_data_errors(
+            lambda: f"the loss could not compare the model's output {describe_typed(output)} "
+                    f"with the targets {describe_typed(target)}", output, "the model's outputs",
+            "the targets must fit the output for this loss: class indices [examples] for "
+            "cross_entropy, values of the output's shape for mse_loss"):
         loss = loss_fn(output, target)
-    except (RuntimeError, IndexError) as exc:
-        error = explain_data_error(
-            exc, f"the loss could not compare the model's output {describe_typed(output)} with "
-            f"the targets {describe_typed(target)}", output, "the model's outputs")
-        if error is None:
-            raise
-        raise error from exc
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         got = (f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor)
                else type(loss).__name__)
@@ -233,11 +231,6 @@ def check_pair(x: Inputs, y: Tensor, which: str) -> None:
                 f"{y.shape[0] if y.dim() else 'a scalar'} targets; each input needs one target "
                 f"({name} {tuple(t.shape)}, targets {tuple(y.shape)}). {MISSING_TASK_DIMENSION}"
             )
-
-
-MISSING_TASK_DIMENSION = (
-    "A batch of tasks is [tasks, examples, ...]: if this is one task's examples, add the task "
-    "dimension with .unsqueeze(0), or use adapt() for a single task")
 
 
 def check_output(output: Tensor, target: Tensor) -> None:
@@ -297,8 +290,9 @@ def check_task_batch(support_x: Inputs, support_y: Tensor, query_x: Inputs,
     if type(support_x) is not type(query_x) or (
             [n.removeprefix("support_x") for n, _ in leaves["support_x"]]
             != [n.removeprefix("query_x") for n, _ in leaves["query_x"]]):
-        raise ConfigError(f"support_x and query_x differ in structure: {describe(support_x)} vs "
-                          f"{describe(query_x)}; give both the same inputs")
+        raise ConfigError(f"support_x and query_x differ in structure: "
+                          f"{describe_typed(support_x)} vs {describe_typed(query_x)}; give both "
+                          "the same inputs")
     for (s_name, s), (q_name, q) in zip(leaves["support_x"], leaves["query_x"], strict=True):
         if s.shape[2:] != q.shape[2:]:
             raise ConfigError(
