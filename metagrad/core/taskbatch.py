@@ -197,7 +197,7 @@ def describe_typed(x: object) -> str:
 def scalar_loss(loss_fn: LossFn, output: Tensor, target: Tensor) -> Tensor:
     """``loss_fn(output, target)`` after :func:`check_output`, refusing a result that is not a
     scalar tensor (a per-example loss would otherwise fail deep inside ``torch.func.grad``) and
-    explaining a target the loss cannot take (:func:`explain_data_error`)."""
+    explaining a target the loss cannot take (:func:`explained_data_errors`)."""
     check_output(output, target)
     with explained_data_errors(
             lambda: f"the loss could not compare the model's output {describe_typed(output)} "
