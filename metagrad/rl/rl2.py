@@ -177,8 +177,9 @@ class RL2(PolicyLearner):
 
     ``config.hidden`` are the widths of the GRU layers; ``config.rl2_episodes`` the episodes per
     training trial (MAML's sample budget when it is ``inner_steps`` + 1, module doc); the
-    gradient-adaptation settings (``inner_lr``, ``eval_inner_lr``, ``inner_steps``,
-    ``first_order``) are unused. ``env`` and ``device`` as for MAMLRL; the random streams are CPU
+    gradient-adaptation settings (``inner_lr``, ``eval_inner_lr``, ``inner_steps``) only set
+    the step sizes that the random-initialisation baseline of an evaluation is validated around,
+    and ``first_order`` is refused. ``env`` and ``device`` as for MAMLRL; the random streams are CPU
     generators.
     """
 

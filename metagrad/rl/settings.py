@@ -9,6 +9,8 @@ from typing import Any, Literal
 from metagrad.errors import ConfigError
 from metagrad.parsing import coerce_field, setting, unknown, validate_fields
 
+_RL2_EPISODES = 2
+
 
 @dataclass(frozen=True)
 class RLConfig:
@@ -30,8 +32,8 @@ class RLConfig:
                               "inner_steps steps at evaluation).", above=0)
     inner_steps: int = setting(1, "Adaptation steps K in training, each on episodes sampled "
                                "with the policy adapted so far.", min=1)
-    rl2_episodes: int = setting(2, "RL²: episodes per trial in training (inner_steps + 1 matches "
-                                "MAML's sample budget).", min=1)
+    rl2_episodes: int = setting(_RL2_EPISODES, "RL²: episodes per trial in training "
+                                "(inner_steps + 1 matches MAML's sample budget).", min=1)
     eval_inner_lr: float = setting(0.05, "α of the adaptation steps at evaluation after the "
                                    "first inner_steps (App. A.2: 0.05 after one step of 0.1).",
                                    above=0)
@@ -98,6 +100,13 @@ class RLConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        if self.method == "rl2" and self.first_order:
+            raise ConfigError("method rl2 has no meta-gradient through adaptation steps (its "
+                              "hidden state adapts), so first_order does not apply; remove it")
+        if self.method != "rl2" and self.rl2_episodes != _RL2_EPISODES:
+            raise ConfigError(f"rl2_episodes={self.rl2_episodes} applies to method rl2 only "
+                              f"(this run's method: {self.method}); remove it, or add "
+                              "--method rl2")
 
     @classmethod
     def coerce(cls, name: str, value: Any) -> Any:
