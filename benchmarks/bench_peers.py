@@ -20,9 +20,11 @@ Peers (optional; run in the separate benchmark venv, see benchmarks/README):
         --workloads w2-5way,w2-5way-fo --arch stride --rounds 5 --variants
 Other modes: ``--profile`` (torch.profiler of metagrad on W2), ``--memory`` (peak RSS of each
 implementation on W2 20-way, one subprocess each), ``--compile`` (adds torch.compile variants),
-``--ceiling`` (the fastest any implementation of the same maths could be on this CPU: the
-meta-iteration's floating-point operations, counted by ``torch.utils.flop_counter``, at this
-machine's measured single-precision matmul rate, against the plain loop's time).
+``--bf16`` (adds metagrad's ``precision="bf16"`` on W2, its meta-gradient checked within 10% of
+the largest component with cosine >= 0.99), ``--ceiling`` (the fastest any implementation of the
+same maths could be on this CPU: the meta-iteration's floating-point operations, counted by
+``torch.utils.flop_counter``, at this machine's measured single-precision matmul rate, against
+the plain loop's time).
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ TOLERANCE = {"w1": 1e-5, "w1bn": 1e-5, "w2": 1e-4}  # max |meta-gradient - plain
 # A result is also accepted when its error against a float64 plain loop is at most F64_FACTOR times
 # the float32 plain loop's own error (W2 with alpha 0.4 amplifies float32 rounding).
 F64_FACTOR = 3.0
+# ``--bf16``: metagrad's bfloat16 policy is checked as the mixed-precision tests check it (max
+# |difference| to the float32 loop within BF16_RELATIVE of the largest component, cosine at least
+# BF16_COSINE), not at float32's tolerance.
+BF16_LABEL, BF16_RELATIVE, BF16_COSINE = "metagrad (auto), bf16", 1e-1, 0.99
 
 
 # -- workloads --------------------------------------------------------------------------------
@@ -238,6 +244,8 @@ def candidates_for(name: str, arch: str, args, available_peers) -> dict[str, tup
     if not args.no_peers:
         c.update({k: (v, False) for k, v in available_peers.items()})
     c["metagrad (auto)"] = (peers.metagrad_maml, False)
+    if kind == "w2" and args.bf16:
+        c[BF16_LABEL] = (lambda m, *a: peers.metagrad_maml(m, *a, precision="bf16"), False)
     if kind == "w2" and args.variants:
         c["metagrad loop + plain-ops BN"] = (
             lambda m, *a: with_plain_bn(m, peers.metagrad_maml(m, *a, batching="loop")), False)
@@ -322,8 +330,15 @@ def run_workload(name: str, arch: str, args, available_peers) -> None:
         error64 = max((a.double() - b).abs().max().item() for a, b in zip(g, ref64, strict=True))
         if loop_error64 is None:
             loop_error64 = error64
-        ok = diff <= tol or error64 <= F64_FACTOR * loop_error64
-        flag = "ok" if ok else "MISMATCH"
+        if label == BF16_LABEL:
+            cosine = torch.nn.functional.cosine_similarity(
+                torch.cat([t.flatten() for t in g]), torch.cat([t.flatten() for t in reference]),
+                dim=0).item()
+            ok = diff <= BF16_RELATIVE * scale and cosine >= BF16_COSINE
+            flag = ("ok" if ok else "MISMATCH") + f", relative {diff / scale:.3f}, cosine {cosine:.4f}"
+        else:
+            ok = diff <= tol or error64 <= F64_FACTOR * loop_error64
+            flag = "ok" if ok else "MISMATCH"
         print(f"  parity {label:<38} max|Δ| vs f32 loop = {diff:.2e}, vs f64 loop = "
               f"{error64:.2e}  ({flag}; max|g| {scale:.2e}; first call {first_call * 1e3:.0f} ms)",
               flush=True)
@@ -458,6 +473,8 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true",
                         help="also time metagrad speed-up candidates on W2")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile variants")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time metagrad's precision='bf16' on W2 (bfloat16 query passes)")
     parser.add_argument("--mkldnn-off", action="store_true",
                         help="also time metagrad on W2 with oneDNN convolutions disabled")
     parser.add_argument("--no-peers", action="store_true")
