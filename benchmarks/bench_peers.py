@@ -112,23 +112,6 @@ def make_data(kind: str, ways: int | None, tasks: int, queries: int = 15
 
 
 # -- metagrad variants ----------------------------------------------------------------------
-def per_task_backward(model, loss_fn, lr, steps, first_order):
-    """metagrad's per-task query loss, each task's ``(loss / n).backward()`` at once (as the peers
-    do): one task's graph alive at a time instead of all of them."""
-    maml = MAML(model, loss_fn, inner_lr=lr, inner_steps=steps, first_order=first_order,
-                batching="loop")
-
-    def step(data):
-        for p in maml.parameters():
-            p.grad = None
-        n = data[0].shape[0]
-        buffers = maml.functional.buffers()
-        with double_backward_kernels(not first_order):
-            for task in zip(*data, strict=True):
-                (maml.task_query_loss(*task, buffers=buffers) / n).backward()
-    return step
-
-
 def with_plain_bn(model: nn.Module, step):
     def run(data):
         with batch_norm_as_tensor_ops(model):
@@ -253,7 +236,6 @@ def candidates_for(name: str, arch: str, args, available_peers) -> dict[str, tup
             lambda m, *a: with_plain_bn(m, peers.metagrad_maml(m, *a, batching="vmap")), False)
         c["metagrad vmap + plain-ops BN, NHWC"] = (
             lambda m, *a: with_plain_bn(m, peers.metagrad_maml(m, *a, batching="vmap")), True)
-        c["metagrad loop, per-task backward"] = (per_task_backward, False)
         c["metagrad (auto), NHWC"] = (peers.metagrad_maml, True)
         c["metagrad hybrid (step 1 vmapped)"] = (hybrid_first_step, False)
         if first_order:

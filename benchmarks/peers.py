@@ -50,12 +50,14 @@ def plain_loop(model, loss_fn, lr, steps, first_order) -> Step:
 
 
 def metagrad_maml(model, loss_fn, lr, steps, first_order, **kwargs) -> Step:
-    from metagrad import MAML
+    """``MAML.meta_gradient``, the call metagrad's trainer makes: when the tasks are looped, each
+    task's graph is back-propagated before the next is built, as the peers' idiom does."""
+    from metagrad import MAML, TaskBatch
     maml = MAML(model, loss_fn, inner_lr=lr, inner_steps=steps, first_order=first_order, **kwargs)
 
     def step(data):
         _zero(maml.parameters())
-        maml.meta_loss(*data).backward()
+        maml.meta_gradient(TaskBatch(*data))
     return step
 
 
