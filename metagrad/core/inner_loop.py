@@ -41,14 +41,28 @@ def learning_rate_at(lr: LearningRate, step: int, name: str) -> float | Tensor:
 def inner_gradient(loss_fn: Callable[[Params], Tensor], params: Params, names: Collection[str],
                    first_order: bool) -> Params:
     """∇L(θ) with respect to the parameters ``names`` (the others held fixed). First order:
-    taken at a detached copy of θ, so no graph of the inner backward is built."""
+    taken at a detached copy of θ, so no graph of the inner backward is built.
+
+    The gradient is :func:`torch.func.grad`'s, except in first order outside any ``torch.func``
+    transform (tasks looped, not batched by ``vmap``), where it is ``torch.autograd.grad`` of the
+    detached copy: the same values without functorch's per-operation dispatch layer. Second
+    order keeps ``torch.func.grad``, which also composes with forward-mode AD through the
+    inner step (``torch.autograd.grad(create_graph=True)`` does not propagate tangents)."""
     source = {n: p.detach() for n, p in params.items()} if first_order else params
     frozen = {n: p for n, p in source.items() if n not in names}
+    if not first_order or torch._C._functorch.peek_interpreter_stack() is not None:
+        def loss_of_adapted(sub: Params) -> Tensor:
+            return loss_fn({**frozen, **sub})
 
-    def loss_of_adapted(sub: Params) -> Tensor:
-        return loss_fn({**frozen, **sub})
-
-    return grad(loss_of_adapted)({n: source[n] for n in names})
+        return grad(loss_of_adapted)({n: source[n] for n in names})
+    wrt = {n: source[n].requires_grad_() for n in names}
+    with torch.enable_grad():
+        loss = loss_fn({**frozen, **wrt})
+    if not loss.requires_grad:  # L does not depend on θ: ∇L = 0, as torch.func.grad returns
+        return {n: torch.zeros_like(t) for n, t in wrt.items()}
+    grads = torch.autograd.grad(loss, list(wrt.values()), allow_unused=True,
+                                materialize_grads=True)
+    return dict(zip(wrt, grads, strict=True))
 
 
 def gradient_step(loss_fn: Callable[[Params], Tensor], params: Params, names: Collection[str],
