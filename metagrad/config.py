@@ -113,7 +113,8 @@ class ExperimentConfig(RunSettings):
     baseline: bool = setting(True, "also train the pretrained-on-all-tasks baseline on the "
                              "same batches", group="outer loop")
     # validation and evaluation
-    val_tasks: int = setting(100, "validation tasks", min=1, group="evaluation")
+    val_tasks: int = setting(100, "validation tasks (the same set whatever the seed)", min=1,
+                             group="evaluation")
     eval_tasks: int = setting(600, "test tasks at evaluation", min=1, group="evaluation")
     eval_steps: int = setting(10, "largest number of adaptation steps at evaluation", min=0,
                               group="evaluation")

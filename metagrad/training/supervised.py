@@ -85,9 +85,10 @@ class SupervisedJob:
 
     def validate(self) -> float:
         """The meta-learner's mean query metric after ``inner_steps`` steps on ``val_tasks``
-        tasks of a fixed seed."""
+        tasks of a fixed seed, independent of the training seed: runs with different seeds
+        select and compare their checkpoints on the same tasks."""
         cfg = self.settings
-        gen = torch.Generator().manual_seed(cfg.seed + VAL_SEED_OFFSET)
+        gen = torch.Generator().manual_seed(VAL_SEED_OFFSET)
         curves = evaluation_curves(self.exp.learner, self.exp.setup.held_out("val", cfg.shots),
                                    cfg.val_tasks, cfg.inner_steps, self.exp.setup.metric, gen,
                                    self.exp.device, at=[cfg.inner_steps])

@@ -42,6 +42,23 @@ def trained(tmp_path_factory) -> Path:
     return run
 
 
+def test_validation_tasks_do_not_depend_on_the_training_seed(trained, tmp_path):
+    """Runs with different seeds select and compare their checkpoints on the same tasks: the same
+    weights validate to the same value whatever the seed, and that value is not a constant."""
+    _, state = ckpt.read_start(trained)
+    values = []
+    for seed in (0, 7):
+        job = make_job(sinusoid(seed=seed), RunDirectory(tmp_path / f"s{seed}"), Distributed(),
+                       torch.device("cpu"))
+        values.append(job.validate())
+        job.initialise_from(state)
+        values.append(job.validate())
+    untrained_0, trained_0, untrained_7, trained_7 = values
+    assert trained_7 == trained_0
+    assert untrained_7 != untrained_0  # the seed does change the initial weights
+    assert trained_0 < untrained_0  # validation measures the weights: training lowered the MSE
+
+
 def test_the_learners_start_from_the_best_checkpoint_with_a_fresh_optimizer(trained, tmp_path):
     path, state = ckpt.read_start(trained)
     assert path.name == "best.safetensors"
