@@ -19,6 +19,7 @@ import functools
 from collections.abc import Callable, Collection, Mapping
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.func import grad
@@ -41,28 +42,40 @@ def learning_rate_at(lr: LearningRate, step: int, name: str) -> float | Tensor:
 def inner_gradient(loss_fn: Callable[[Params], Tensor], params: Params, names: Collection[str],
                    first_order: bool) -> Params:
     """∇L(θ) with respect to the parameters ``names`` (the others held fixed). First order:
-    taken at a detached copy of θ, so no graph of the inner backward is built.
+    taken at a detached copy of θ, so no graph of the inner backward is built. Second order:
+    the gradient keeps its graph (``create_graph``) when grad mode is on.
 
-    The gradient is :func:`torch.func.grad`'s, except in first order outside any ``torch.func``
-    transform (tasks looped, not batched by ``vmap``), where it is ``torch.autograd.grad`` of the
-    detached copy: the same values without functorch's per-operation dispatch layer. Second
-    order keeps ``torch.func.grad``, which also composes with forward-mode AD through the
-    inner step (``torch.autograd.grad(create_graph=True)`` does not propagate tangents)."""
+    Outside any ``torch.func`` transform (tasks looped, not batched by ``vmap``) the gradient is
+    ``torch.autograd.grad``'s: the same values as :func:`torch.func.grad` without functorch's
+    per-operation dispatch layer. :func:`torch.func.grad` is used inside a transform, and in
+    second order when grad mode is off (the step is then recomputed, see
+    :class:`_RecomputedStep`) or a forward-mode AD level is active
+    (``torch.autograd.grad(create_graph=True)`` does not propagate tangents through the step)."""
     source = {n: p.detach() for n, p in params.items()} if first_order else params
     frozen = {n: p for n, p in source.items() if n not in names}
-    if not first_order or torch._C._functorch.peek_interpreter_stack() is not None:
+    if not _autograd_applies(first_order):
         def loss_of_adapted(sub: Params) -> Tensor:
             return loss_fn({**frozen, **sub})
 
         return grad(loss_of_adapted)({n: source[n] for n in names})
-    wrt = {n: source[n].requires_grad_() for n in names}
+    wrt = {n: source[n] if source[n].requires_grad else source[n].detach().requires_grad_()
+           for n in names}
     with torch.enable_grad():
         loss = loss_fn({**frozen, **wrt})
     if not loss.requires_grad:  # L does not depend on θ: ∇L = 0, as torch.func.grad returns
         return {n: torch.zeros_like(t) for n, t in wrt.items()}
-    grads = torch.autograd.grad(loss, list(wrt.values()), allow_unused=True,
-                                materialize_grads=True)
+    grads = torch.autograd.grad(loss, list(wrt.values()), create_graph=not first_order,
+                                allow_unused=True, materialize_grads=True)
     return dict(zip(wrt, grads, strict=True))
+
+
+def _autograd_applies(first_order: bool) -> bool:
+    """Whether :func:`inner_gradient` may use ``torch.autograd.grad`` (private torch state, pinned
+    torch version: no functorch transform active; in second order also grad mode on and no
+    forward-mode AD level)."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return first_order or (torch.is_grad_enabled() and forward_ad._current_level < 0)
 
 
 def gradient_step(loss_fn: Callable[[Params], Tensor], params: Params, names: Collection[str],
