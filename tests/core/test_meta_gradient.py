@@ -51,10 +51,11 @@ def central_differences(maml, data, steps):
                               list(maml.parameters()))
 
 
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
 @pytest.mark.parametrize("steps", [1, 3])
-def test_second_order_matches_finite_differences(steps):
+def test_second_order_matches_finite_differences(steps, batching):
     model = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
-    maml = MAML(model, F.mse_loss, inner_lr=0.1, inner_steps=steps)
+    maml = MAML(model, F.mse_loss, inner_lr=0.1, inner_steps=steps, batching=batching)
     data = regression_tasks()
     analytic = flat_grad(maml, data)
     numeric = central_differences(maml, data, steps)
