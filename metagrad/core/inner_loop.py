@@ -70,12 +70,18 @@ def inner_gradient(loss_fn: Callable[[Params], Tensor], params: Params, names: C
 
 
 def _autograd_applies(first_order: bool) -> bool:
-    """Whether :func:`inner_gradient` may use ``torch.autograd.grad`` (private torch state, pinned
-    torch version: no functorch transform active; in second order also grad mode on and no
-    forward-mode AD level)."""
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    """Whether :func:`inner_gradient` may use ``torch.autograd.grad``: no functorch transform
+    active; in second order also grad mode on and no forward-mode AD level. Both are read from
+    private torch state (present in the tested torch 2.13); a torch without it gets
+    :func:`torch.func.grad`, which is right in every case, only slower."""
+    try:
+        transformed = torch._C._functorch.peek_interpreter_stack() is not None
+        forward_level = forward_ad._current_level
+    except AttributeError:
         return False
-    return first_order or (torch.is_grad_enabled() and forward_ad._current_level < 0)
+    if transformed:
+        return False
+    return first_order or (torch.is_grad_enabled() and forward_level < 0)
 
 
 def gradient_step(loss_fn: Callable[[Params], Tensor], params: Params, names: Collection[str],

@@ -110,3 +110,15 @@ def test_adapting_a_subset_leaves_the_rest_and_matches_reference():
     for name, p in model.named_parameters():
         same = torch.equal(adapted[name], p)
         assert same != name.startswith("4."), name
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_meta_gradient_without_the_private_torch_state_it_reads(monkeypatch, first_order):
+    """A torch without the private hooks that choose ``torch.autograd.grad`` for looped tasks
+    falls back to ``torch.func.grad``: same meta-gradient, no AttributeError."""
+    data = regression_tasks()
+    maml = MAML(small_mlp(), F.mse_loss, inner_lr=0.05, inner_steps=2, batching="loop",
+                first_order=first_order)
+    expected = flat_grad(maml, data)
+    monkeypatch.delattr(torch._C._functorch, "peek_interpreter_stack")
+    torch.testing.assert_close(flat_grad(maml, data), expected, rtol=1e-10, atol=1e-12)
