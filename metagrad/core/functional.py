@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -95,8 +96,10 @@ def _alias_map(named: list[tuple[str, Tensor]], model: nn.Module) -> dict[str, l
 
 
 class FunctionalModel:
-    """``model`` evaluated with explicit parameters and buffers (:func:`functional_call`), with
-    tied and shared tensors kept tied. The module itself is only borrowed for the call."""
+    """``model`` evaluated with explicit parameters and buffers, with tied and shared tensors kept
+    tied: the given tensors take the place of the module's own in its parameter and buffer tables
+    for one call (as :func:`functional_call` does) and the originals are put back after it, also
+    when the forward raises. The module itself is only borrowed for the call."""
 
     def __init__(self, model: nn.Module) -> None:
         self.module = model
@@ -119,4 +122,41 @@ class FunctionalModel:
         for name, extra in self._aliases.items():
             if name in tensors:
                 tensors.update(dict.fromkeys(extra, tensors[name]))
-        return functional_call(self.module, tensors, args, kwargs, tie_weights=False, strict=False)
+        slots = None if torch.compiler.is_compiling() else self._slots(tensors)
+        if slots is None:
+            return functional_call(self.module, tensors, args, kwargs, tie_weights=False,
+                                   strict=False)
+        saved = []
+        try:
+            for (table, attr), tensor in zip(slots, tensors.values(), strict=True):
+                saved.append((table, attr, table[attr]))
+                table[attr] = tensor
+            return self.module(*args, **kwargs)
+        finally:
+            for table, attr, original in reversed(saved):
+                table[attr] = original
+
+    def _slots(self, tensors: Mapping[str, Tensor]) -> list[tuple[dict[str, Any], str]] | None:
+        """For each name, the ``_parameters`` or ``_buffers`` table and key that hold it in the
+        module as it is now: :func:`functional_call`'s swap without its per-tensor checks, which
+        cost more than a small layer's forward. ``None`` (use :func:`functional_call`) when a
+        name is not a registered parameter or buffer."""
+        owners: dict[str, nn.Module] = {}
+        slots = []
+        for name in tensors:
+            path, _, attr = name.rpartition(".")
+            owner = owners.get(path)
+            if owner is None:
+                owner = self.module
+                for part in path.split(".") if path else ():
+                    owner = owner._modules.get(part)
+                    if owner is None:
+                        return None
+                owners[path] = owner
+            if attr in owner._parameters:
+                slots.append((owner._parameters, attr))
+            elif attr in owner._buffers:
+                slots.append((owner._buffers, attr))
+            else:
+                return None
+        return slots
