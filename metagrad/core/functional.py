@@ -1,7 +1,8 @@
 """Functional view of an ``nn.Module``: parameters and buffers as explicit dicts.
 
-The meta-model's own tensors are never written: adaptation produces *new* tensors that are
-handed to :func:`torch.func.functional_call` for one forward pass.
+The meta-model's own tensors are never written: adaptation produces *new* tensors that take the
+place of the module's own for one forward pass (:class:`FunctionalModel`, the semantics of
+:func:`torch.func.functional_call`).
 """
 
 from __future__ import annotations
