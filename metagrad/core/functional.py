@@ -139,9 +139,9 @@ class FunctionalModel:
 
     def _slots(self, tensors: Mapping[str, Tensor]) -> list[tuple[dict[str, Any], str]] | None:
         """For each name, the ``_parameters`` or ``_buffers`` table and key that hold it in the
-        module as it is now: :func:`functional_call`'s swap without its per-tensor checks, which
-        cost more than a small layer's forward. ``None`` (use :func:`functional_call`) when a
-        name is not a registered parameter or buffer."""
+        module as it is now (looked up on every call, so a replaced submodule is seen):
+        :func:`functional_call`'s swap without its per-tensor checks. ``None`` (use
+        :func:`functional_call`) when a name is not a registered parameter or buffer."""
         owners: dict[str, nn.Module] = {}
         slots = []
         for name in tensors:
