@@ -11,8 +11,10 @@ from metagrad.rl.envs import make_env
 
 mujoco = pytest.importorskip("mujoco", reason="MuJoCo tasks need: pip install 'metagrad[rl]'")
 
+from metagrad.models.policies import GaussianMLPPolicy  # noqa: E402
 from metagrad.rl.envs.locomotion import default_threads  # noqa: E402
 from metagrad.rl.maml_rl import MAMLRL, RLConfig  # noqa: E402
+from metagrad.rl.sampler import sample_episodes  # noqa: E402
 
 
 def test_missing_mujoco_is_a_config_error(monkeypatch):
@@ -92,8 +94,7 @@ def test_rollout_is_bit_identical_to_a_loop_of_mj_step(name, threads):
 
 GYMNASIUM = {
     "half_cheetah": ("HalfCheetah-v5", {}),
-    "ant": ("Ant-v5", {"terminate_when_unhealthy": False,
-                       "include_cfrc_ext_in_observation": False}),
+    "ant": ("Ant-v5", {"include_cfrc_ext_in_observation": False}),
 }
 
 
@@ -101,8 +102,9 @@ GYMNASIUM = {
                                             ("HalfCheetahVel", 1.3), ("HalfCheetahDir", -1.0)])
 def test_dynamics_and_rewards_match_gymnasium(name, goal):
     """One rollout, step by step, against gymnasium's v5 environment from the same state with the
-    same actions (a third outside [−1, 1]): the same observations, and the module doc's task
-    reward of gymnasium's forward velocity and the clipped action.
+    same actions (a third outside [−1, 1]): the same observations and episode ends
+    (``terminated``), and the module doc's task reward of gymnasium's forward velocity and the
+    clipped action.
 
     Ant-v5's ``info["x_velocity"]`` differs from the velocity of the step: it is taken from the
     torso's ``xpos``, which ``mj_step`` leaves at the last Runge–Kutta stage rather than at the
@@ -127,10 +129,65 @@ def test_dynamics_and_rewards_match_gymnasium(name, goal):
         clipped = action.view(-1).double().clamp(-1, 1)
         forward = -abs(velocity - goal) if name.endswith("Vel") else goal * velocity
         expected_reward = forward + bonus - ctrl_cost * clipped.square().sum().item()
-        obs, reward, _ = env.step(action)
-        assert not terminated
+        obs, reward, done = env.step(action)
+        assert done.item() == terminated
         torch.testing.assert_close(obs.view(-1), torch.from_numpy(expected_obs).float())
         torch.testing.assert_close(reward.view(()), torch.tensor(expected_reward).float())
+
+
+def test_ant_episode_ends_when_gymnasium_ant_terminates():
+    """An ant dropped from above the healthy range ends its episode on exactly the steps where
+    gymnasium's Ant-v5 reports ``terminated`` (while it falls, not once it has landed), and the
+    sampler masks every step after an episode's first end."""
+    gym = pytest.importorskip("gymnasium")
+    env = make_env("AntVel", horizon=20)
+    reference = gym.make("Ant-v5", frame_skip=5, include_cfrc_ext_in_observation=False).unwrapped
+    reference.reset(seed=0)
+    env.reset_task(torch.tensor([1.0]))
+    env.reset(1, torch.Generator().manual_seed(0))
+    env._state[0, env._qpos.start + 2] = 1.3
+    reference.set_state(env._state[0, env._qpos], env._state[0, env._qvel])
+    ends = []
+    for action in _actions(20, (1, 1, env.act_dim)):
+        _, _, terminated, _, _ = reference.step(action.view(-1).numpy())
+        _, _, done = env.step(action)
+        assert done.item() == terminated
+        ends.append(terminated)
+    assert ends[0] and not ends[-1]
+
+    policy = GaussianMLPPolicy(env.obs_dim, env.act_dim, hidden=(8,))
+    env.reset_task(torch.tensor([1.0, 2.0]))
+    original_reset = env.reset
+
+    def reset_in_the_air(rollouts, generator):
+        original_reset(rollouts, generator)
+        env._state[:, env._qpos.start + 2] = 1.3
+        return env._observe()
+
+    env.reset = reset_in_the_air
+    episodes = sample_episodes(policy, dict(policy.named_parameters()), env, 3,
+                               torch.Generator().manual_seed(0))
+    assert episodes.masks[..., 0].all() and episodes.masks.sum() == 6  # all end at once
+
+
+@pytest.mark.parametrize("height", [0.1, 0.2, 0.6, 1.0, 1.3, float("nan")])
+def test_ant_healthy_rule_is_gymnasiums(height):
+    """The end-of-episode rule at a given torso height (NaN: a state that is not finite) is
+    Ant-v5's ``is_healthy`` (and the half cheetah's episodes never end)."""
+    gym = pytest.importorskip("gymnasium")
+    reference = gym.make("Ant-v5", include_cfrc_ext_in_observation=False).unwrapped
+    reference.reset(seed=0)
+    env = make_env("AntVel", horizon=2)
+    env.reset_task(torch.tensor([1.0]))
+    env.reset(1, torch.Generator().manual_seed(0))
+    env._state[0, env._qpos.start + 2] = height
+    reference.set_state(env._state[0, env._qpos], env._state[0, env._qvel])
+    assert env._unhealthy().item() == (not reference.is_healthy)
+    cheetah = make_env("HalfCheetahVel", horizon=2)
+    cheetah.reset_task(torch.tensor([1.0]))
+    cheetah.reset(1, torch.Generator().manual_seed(0))
+    cheetah._state[0, cheetah._qpos.start + 1] = height
+    assert not cheetah._unhealthy().any()
 
 
 def test_threads_default_to_the_available_cpus():

@@ -18,7 +18,11 @@ authors' rllab environments:
 * ``AntDir``: d = ±1; r = d·v + 0.05 − 0.005‖a‖².
 
 The rllab ant's contact cost (0.0005·‖clip(cfrc_ext, ±1)‖²) is omitted: the batched rollout does
-not compute external contact forces. Episodes last H = 200 steps; there is no early termination.
+not compute external contact forces. Episodes last H = 200 steps. An ant episode ends early
+(``done``) once its state is not finite or its torso height qpos[2] leaves [0.2, 1.0], the rule of
+the authors' rllab ant and of gymnasium's ``Ant-v5`` (``terminate_when_unhealthy``); without it a
+flipped ant lies on its back for the rest of the episode at no cost, and the constant bonus, which
+rewards staying alive, rewards nothing. The half cheetah never ends early (as in both references).
 """
 
 from __future__ import annotations
@@ -67,11 +71,13 @@ class Robot:
     velocity_bonus: float
     """Further constant reward at every step of the goal-velocity task."""
     max_goal_velocity: float
+    healthy_z: tuple[float, float] | None = None
+    """The range of the root's height qpos[2] outside which an episode ends (None: never)."""
 
 
 ROBOTS = {
     "half_cheetah": Robot("half_cheetah.xml", 1, 0.05, 0.0, 0.0, 2.0),
-    "ant": Robot("ant.xml", 2, 0.005, 0.05, 1.0, 3.0),
+    "ant": Robot("ant.xml", 2, 0.005, 0.05, 1.0, 3.0, healthy_z=(0.2, 1.0)),
 }
 
 
@@ -197,8 +203,18 @@ class Locomotion:
         goal = self.tasks[:, None]
         forward = -(velocity - goal).abs() if self.task == "vel" else goal * velocity
         reward = forward + self.bonus - self.robot.ctrl_cost * action.square().sum(-1)
-        done = torch.zeros(self._shape, dtype=torch.bool, device=self.device)
-        return self._observe(), reward.to(self.device), done
+        return self._observe(), reward.to(self.device), self._unhealthy().to(self.device)
+
+    def _unhealthy(self) -> Tensor:
+        """``[tasks, rollouts]``: whether each environment's state ends its episode (the robot's
+        ``healthy_z`` rule, and a state that is not finite)."""
+        if self.robot.healthy_z is None:
+            return torch.zeros(self._shape, dtype=torch.bool)
+        low, high = self.robot.healthy_z
+        height = self._state[:, self._qpos.start + 2]
+        qpos_qvel = self._state[:, self._qpos.start:self._qvel.stop]
+        healthy = np.isfinite(qpos_qvel).all(1) & (height >= low) & (height <= high)
+        return torch.from_numpy(~healthy).view(self._shape)
 
     def close(self) -> None:
         """Frees the rollout thread pool."""
