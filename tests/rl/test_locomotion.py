@@ -71,7 +71,8 @@ def _actions(steps: int, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
 def test_rollout_is_bit_identical_to_a_loop_of_mj_step(name, threads):
     """Every environment evolves exactly as one MjData stepped by ``mj_step``: each action held
     for ``frame_skip`` steps, from a zero solver warm start (the batched rollout starts every
-    action's steps from the stored state alone)."""
+    action's steps from the stored state alone), until its episode ends; from then on its state
+    stays as it ended while the others run on."""
     env = make_env(name, horizon=20, env_threads=threads)
     env.reset_task(torch.tensor([0.5, 1.0]))
     env.reset(3, torch.Generator().manual_seed(0))
@@ -80,16 +81,22 @@ def test_rollout_is_bit_identical_to_a_loop_of_mj_step(name, threads):
     for d, state in zip(datas, env._state, strict=True):
         mujoco.mj_setState(env.model, d, state, full)
     low, high = env.model.actuator_ctrlrange.T
+    ended = np.zeros(6, dtype=bool)
     for action in _actions(20, (2, 3, env.act_dim)):
-        env.step(action)
-        for d, a, state in zip(datas, action.reshape(6, -1).double().numpy(), env._state,
-                               strict=True):
+        _, _, done = env.step(action)
+        for d, a, state, end in zip(datas, action.reshape(6, -1).double().numpy(), env._state,
+                                    ended, strict=True):
+            if end:
+                continue  # d keeps the state the episode ended in
             d.qacc_warmstart[:] = 0
             d.ctrl[:] = np.clip(a, low, high)
             mujoco.mj_step(env.model, d, nstep=env.frame_skip)
             expected = np.empty_like(state)
             mujoco.mj_getState(env.model, d, expected, full)
             np.testing.assert_array_equal(state, expected)
+        ended = done.view(-1).numpy()
+    if name == "AntVel":
+        assert 0 < ended.sum() < 6  # the actions end some episodes and not others
 
 
 GYMNASIUM = {
@@ -133,12 +140,15 @@ def test_dynamics_and_rewards_match_gymnasium(name, goal):
         assert done.item() == terminated
         torch.testing.assert_close(obs.view(-1), torch.from_numpy(expected_obs).float())
         torch.testing.assert_close(reward.view(()), torch.tensor(expected_reward).float())
+        if terminated:
+            break
 
 
-def test_ant_episode_ends_when_gymnasium_ant_terminates():
-    """An ant dropped from above the healthy range ends its episode on exactly the steps where
-    gymnasium's Ant-v5 reports ``terminated`` (while it falls, not once it has landed), and the
-    sampler masks every step after an episode's first end."""
+def test_ended_ant_episode_stays_ended_and_the_sampler_masks_it():
+    """An ant dropped from above the healthy range ends its episode on its first step, as
+    gymnasium's Ant-v5 reports ``terminated``; from then on it is no longer simulated (its state
+    stays, reward 0, ``done``) until ``reset``, and the sampler masks every step after an
+    episode's end."""
     gym = pytest.importorskip("gymnasium")
     env = make_env("AntVel", horizon=20)
     reference = gym.make("Ant-v5", frame_skip=5, include_cfrc_ext_in_observation=False).unwrapped
@@ -147,13 +157,15 @@ def test_ant_episode_ends_when_gymnasium_ant_terminates():
     env.reset(1, torch.Generator().manual_seed(0))
     env._state[0, env._qpos.start + 2] = 1.3
     reference.set_state(env._state[0, env._qpos], env._state[0, env._qvel])
-    ends = []
-    for action in _actions(20, (1, 1, env.act_dim)):
-        _, _, terminated, _, _ = reference.step(action.view(-1).numpy())
-        _, _, done = env.step(action)
-        assert done.item() == terminated
-        ends.append(terminated)
-    assert ends[0] and not ends[-1]
+    actions = _actions(3, (1, 1, env.act_dim))
+    _, _, terminated, _, _ = reference.step(actions[0].view(-1).numpy())
+    obs, _, done = env.step(actions[0])
+    assert terminated and done.item()
+    for action in actions[1:]:
+        later_obs, reward, done = env.step(action)
+        assert torch.equal(later_obs, obs) and reward.item() == 0.0 and done.item()
+    env.reset(1, torch.Generator().manual_seed(0))
+    assert not env.step(actions[0])[2].item()
 
     policy = GaussianMLPPolicy(env.obs_dim, env.act_dim, hidden=(8,))
     env.reset_task(torch.tensor([1.0, 2.0]))

@@ -23,6 +23,8 @@ not compute external contact forces. Episodes last H = 200 steps. An ant episode
 the authors' rllab ant and of gymnasium's ``Ant-v5`` (``terminate_when_unhealthy``); without it a
 flipped ant lies on its back for the rest of the episode at no cost, and the constant bonus, which
 rewards staying alive, rewards nothing. The half cheetah never ends early (as in both references).
+An ended episode's environment is no longer simulated: its state stays as it ended, it reports
+``done`` and reward 0 until the next ``reset``.
 """
 
 from __future__ import annotations
@@ -149,6 +151,7 @@ class Locomotion:
         self._states = np.empty((n, self.frame_skip, self._nstate))
         self._control = np.empty((n, self.frame_skip, self.act_dim))
         self._models = [self.model] * n
+        self._ended = np.zeros(n, dtype=bool)
 
     def sample_tasks(self, n: int, generator: torch.Generator) -> Tensor:
         """Goal velocities U[0, max] (``vel``) or directions ±1 (``dir``), shape ``[n]``."""
@@ -177,6 +180,7 @@ class Locomotion:
         self._state[:] = self._initial
         self._state[:, self._qpos] += self.reset_noise * noise_q.cpu().numpy()
         self._state[:, self._qvel] += self.reset_noise * noise_v.cpu().numpy()
+        self._ended[:] = False
         self._shape = (len(self.tasks), rollouts)
         return self._observe()
 
@@ -193,17 +197,30 @@ class Locomotion:
             )
         action = torch.maximum(torch.minimum(actions.detach().float().cpu(), self._ctrl_high),
                                self._ctrl_low)
-        self._control[:] = action.view(-1, 1, self.act_dim).numpy()
         x_before = self._state[:, self._qpos.start].copy()
-        self._rollout.rollout(self._models, self._data, self._state, self._control,
-                              nstep=self.frame_skip, state=self._states, skip_checks=True)
-        self._state[:] = self._states[:, -1]
+        running = np.flatnonzero(~self._ended)
+        n = len(running)
+        if n == len(self._ended):  # no episode has ended: the buffers are the rollout's arguments
+            self._control[:] = action.view(-1, 1, self.act_dim).numpy()
+            self._rollout.rollout(self._models, self._data, self._state, self._control,
+                                  nstep=self.frame_skip, state=self._states, skip_checks=True)
+            self._state[:] = self._states[:, -1]
+        elif n:  # only the running episodes are simulated
+            self._control[:n] = action.view(-1, 1, self.act_dim).numpy()[running]
+            self._rollout.rollout(self._models[:n], self._data, self._state[running],
+                                  self._control[:n], nstep=self.frame_skip,
+                                  state=self._states[:n], skip_checks=True)
+            self._state[running] = self._states[:n, -1]
         velocity = torch.from_numpy((self._state[:, self._qpos.start] - x_before) / self.dt)
         velocity = velocity.float().view(self._shape)
         goal = self.tasks[:, None]
         forward = -(velocity - goal).abs() if self.task == "vel" else goal * velocity
         reward = forward + self.bonus - self.robot.ctrl_cost * action.square().sum(-1)
-        return self._observe(), reward.to(self.device), self._unhealthy().to(self.device)
+        ended_before = torch.from_numpy(self._ended.copy()).view(self._shape)
+        self._ended |= self._unhealthy().view(-1).numpy()
+        reward = reward.masked_fill(ended_before, 0.0)
+        done = torch.from_numpy(self._ended.copy()).view(self._shape)
+        return self._observe(), reward.to(self.device), done.to(self.device)
 
     def _unhealthy(self) -> Tensor:
         """``[tasks, rollouts]``: whether each environment's state ends its episode (the robot's
