@@ -198,14 +198,9 @@ class Locomotion:
         action = torch.maximum(torch.minimum(actions.detach().float().cpu(), self._ctrl_high),
                                self._ctrl_low)
         x_before = self._state[:, self._qpos.start].copy()
-        running = np.flatnonzero(~self._ended)
+        running = np.flatnonzero(~self._ended)  # only the running episodes are simulated
         n = len(running)
-        if n == len(self._ended):  # no episode has ended: the buffers are the rollout's arguments
-            self._control[:] = action.view(-1, 1, self.act_dim).numpy()
-            self._rollout.rollout(self._models, self._data, self._state, self._control,
-                                  nstep=self.frame_skip, state=self._states, skip_checks=True)
-            self._state[:] = self._states[:, -1]
-        elif n:  # only the running episodes are simulated
+        if n:
             self._control[:n] = action.view(-1, 1, self.act_dim).numpy()[running]
             self._rollout.rollout(self._models[:n], self._data, self._state[running],
                                   self._control[:n], nstep=self.frame_skip,
