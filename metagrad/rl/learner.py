@@ -84,8 +84,9 @@ class PolicyLearner:
         this process's tasks and builds the objective (:meth:`_sample_meta_batch`), then one TRPO
         step (:func:`~metagrad.rl.trpo.trpo_step`) updates the policy in place. Metrics:
         ``pre_return``/``post_return`` (the returns of :class:`MetaBatch`'s ``before`` and
-        ``after`` episodes), the TRPO step's surrogate and KL, ``sample_seconds`` (sampling and
-        the old policy's log-probabilities) and ``seconds``.
+        ``after`` episodes), ``pre_length``/``post_length`` (their mean number of steps: below
+        the horizon when episodes end early), the TRPO step's surrogate and KL,
+        ``sample_seconds`` (sampling and the old policy's log-probabilities) and ``seconds``.
 
         Under ``torch.distributed`` every process draws the same tasks and runs its share
         (:meth:`~metagrad.distributed.Distributed.part`) with episode noise of its own; the TRPO
@@ -125,12 +126,15 @@ class PolicyLearner:
             for name, p in params.items():
                 p.copy_(result.params[name])
         self.iteration += 1
-        returns = reduce(torch.stack([batch.before.returns().mean(),
-                                      batch.after.returns().mean()]))
+        means = reduce(torch.stack([batch.before.returns().mean(), batch.after.returns().mean(),
+                                    batch.before.masks.sum(-1).mean(),
+                                    batch.after.masks.sum(-1).mean()]))
         return {
             "iteration": float(self.iteration),
-            "pre_return": float(returns[0]),
-            "post_return": float(returns[1]),
+            "pre_return": float(means[0]),
+            "post_return": float(means[1]),
+            "pre_length": float(means[2]),
+            "post_length": float(means[3]),
             "surrogate_before": result.loss_before,
             "surrogate_after": result.loss_after,
             "kl": result.kl,

@@ -61,6 +61,26 @@ def test_half_cheetah_vel_meta_steps_smoke():
     assert len(trainer.evaluate(steps=1, rollouts=2)) == 2
 
 
+def test_meta_step_reports_episode_lengths():
+    """``pre_length``/``post_length`` are the episodes' mean number of steps: the horizon for the
+    half cheetah, 1 for ants that start above the healthy range (every episode ends at once)."""
+    cheetah = MAMLRL(RLConfig(env="HalfCheetahVel", meta_batch=2, rollouts=2, horizon=12,
+                              hidden=(8,)))
+    metrics = cheetah.meta_step()
+    assert metrics["pre_length"] == metrics["post_length"] == 12
+    ant = MAMLRL(RLConfig(env="AntVel", meta_batch=2, rollouts=2, horizon=12, hidden=(8,)))
+    original_reset = ant.env.reset
+
+    def reset_in_the_air(rollouts, generator):
+        original_reset(rollouts, generator)
+        ant.env._state[:, ant.env._qpos.start + 2] = 1.3
+        return ant.env._observe()
+
+    ant.env.reset = reset_in_the_air
+    metrics = ant.meta_step()
+    assert metrics["pre_length"] == metrics["post_length"] == 1
+
+
 def _actions(steps: int, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     """Actions in [−1.5, 1.5]: about a third of them outside the control range."""
     return (torch.rand(steps, *shape, generator=torch.Generator().manual_seed(seed)) * 3 - 1.5)
