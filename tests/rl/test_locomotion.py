@@ -61,6 +61,18 @@ def test_half_cheetah_vel_meta_steps_smoke():
     assert len(trainer.evaluate(steps=1, rollouts=2)) == 2
 
 
+def _reset_in_the_air(env) -> None:
+    """Makes ``env.reset`` start every ant at torso height 1.3, above the healthy range."""
+    original_reset = env.reset
+
+    def reset(rollouts, generator):
+        original_reset(rollouts, generator)
+        env._state[:, env._qpos.start + 2] = 1.3
+        return env._observe()
+
+    env.reset = reset
+
+
 def test_meta_step_reports_episode_lengths():
     """``pre_length``/``post_length`` are the episodes' mean number of steps: the horizon for the
     half cheetah, 1 for ants that start above the healthy range (every episode ends at once)."""
@@ -69,14 +81,7 @@ def test_meta_step_reports_episode_lengths():
     metrics = cheetah.meta_step()
     assert metrics["pre_length"] == metrics["post_length"] == 12
     ant = MAMLRL(RLConfig(env="AntVel", meta_batch=2, rollouts=2, horizon=12, hidden=(8,)))
-    original_reset = ant.env.reset
-
-    def reset_in_the_air(rollouts, generator):
-        original_reset(rollouts, generator)
-        ant.env._state[:, ant.env._qpos.start + 2] = 1.3
-        return ant.env._observe()
-
-    ant.env.reset = reset_in_the_air
+    _reset_in_the_air(ant.env)
     metrics = ant.meta_step()
     assert metrics["pre_length"] == metrics["post_length"] == 1
 
@@ -189,14 +194,7 @@ def test_ended_ant_episode_stays_ended_and_the_sampler_masks_it():
 
     policy = GaussianMLPPolicy(env.obs_dim, env.act_dim, hidden=(8,))
     env.reset_task(torch.tensor([1.0, 2.0]))
-    original_reset = env.reset
-
-    def reset_in_the_air(rollouts, generator):
-        original_reset(rollouts, generator)
-        env._state[:, env._qpos.start + 2] = 1.3
-        return env._observe()
-
-    env.reset = reset_in_the_air
+    _reset_in_the_air(env)
     episodes = sample_episodes(policy, dict(policy.named_parameters()), env, 3,
                                torch.Generator().manual_seed(0))
     assert episodes.masks[..., 0].all() and episodes.masks.sum() == 6  # all end at once
