@@ -144,6 +144,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--no-baselines", action="store_true",
                     help="evaluate the meta-learner only (no pretrained and scratch rows, and "
                     "no tuning of their step sizes on validation tasks)")
+    ev.add_argument("--eval-seed", type=int, help="seed of the test tasks (default: the run's "
+                    "eval_seed; runs evaluated with one seed meet the same tasks)")
     ev.add_argument("--rollouts", type=int, help="rl: episodes per task and adaptation step")
     ev.add_argument("--checkpoint", choices=("best", "last"), default=None,
                     help="which checkpoint (default: best, the validation-selected one)")
@@ -389,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             _print_eval(args.run_dir, out, which=which, tasks=args.tasks,
                         steps=args.steps, shots=args.shots, rollouts=args.rollouts,
                         device=args.device, report_steps=args.report_steps,
-                        baselines=not args.no_baselines)
+                        baselines=not args.no_baselines, eval_seed=args.eval_seed)
         elif args.command == "presets":
             _presets()
         elif args.command == "data":

@@ -123,6 +123,10 @@ class ExperimentConfig(RunSettings):
                                     default_factory=lambda: [5, 10])
     eval_queries: int | None = setting(None, "query examples per class at validation and "
                                        "evaluation (none: queries)", min=1, group="evaluation")
+    eval_seed: int = setting(0, "seed of the test tasks and of the baselines' step-size "
+                             "validation tasks, independent of the training seed: runs evaluated "
+                             "with one eval_seed meet the same test tasks", min=0,
+                             group="evaluation")
     task_options: Any = field(default=None, repr=False, metadata={"internal": True})
     algo_options: Any = field(default=None, repr=False, metadata={"internal": True})
 
@@ -218,7 +222,8 @@ def from_dict(values: dict[str, Any], *, stored: bool = False) -> ExperimentConf
     """The configuration for flat ``values`` (YAML, command-line strings). Unknown settings are
     refused, with the closest valid name; a setting of another algorithm or task says so.
     ``stored``: ``values`` come from a run's config.yaml, possibly written by an older version
-    (its inapplicable legacy fields are ignored)."""
+    (its inapplicable legacy fields are ignored; without ``eval_seed`` its test tasks were drawn
+    from the training ``seed``, which therefore stands in, so that its evaluation reproduces)."""
     task = str(values.get("task", "sinusoid"))
     algo = str(values.get("algo", "maml"))
     task, algo = TASKS.canonical(task), ALGORITHMS.canonical(algo)
@@ -233,6 +238,8 @@ def from_dict(values: dict[str, Any], *, stored: bool = False) -> ExperimentConf
         parsed.setdefault(owner, {})[name] = coerce_field(owner, name, value)
     shared = parsed.pop(ExperimentConfig, {})
     shared.update(task=task, algo=algo)
+    if stored and "eval_seed" not in values:
+        shared["eval_seed"] = shared.get("seed", SHARED_FIELDS["seed"].default)
     if shared.get("queries") is None:
         shared["queries"] = shared.get("shots", SHARED_FIELDS["shots"].default)
     task_cls = options_class(task_factory(task))

@@ -74,6 +74,8 @@ class RLConfig:
     eval_rollouts: int = setting(40, "Episodes per test task and adaptation step at evaluation.",
         min=1)
     eval_steps: int = setting(3, "Adaptation steps at evaluation.", min=0)
+    eval_seed: int = setting(0, "Seed of the held-out test tasks and their episodes, "
+                             "independent of the training seed.", min=0)
     val_every: int = setting(
         10, "Validate every this many meta-iterations: the return averaged over 1..eval_steps "
         "steps on val_tasks tasks of a fixed seed; the best is kept as checkpoints/best.", min=1)

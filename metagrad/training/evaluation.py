@@ -22,12 +22,23 @@ from torch import Tensor
 from metagrad.algorithms.base import Learner, measured_steps
 from metagrad.algorithms.maml import MAML
 from metagrad.core.taskbatch import TaskSampler
+from metagrad.errors import ConfigError
 
 METRICS = ("mse", "accuracy")
 
 FINE_TUNE_SCALES = (3.0, 1.0, 0.3, 0.1, 0.03, 0.01)
 """Multiples of the configured inner step size among which each baseline's fine-tuning step
 size is chosen on the validation tasks (supervised and meta-RL)."""
+
+
+def test_seed(configured: int, override: int | None) -> int:
+    """The seed of an evaluation's test tasks: ``override`` (``--eval-seed``) if given, else the
+    run's ``eval_seed``."""
+    if override is None:
+        return configured
+    if isinstance(override, bool) or not isinstance(override, int) or override < 0:
+        raise ConfigError(f"--eval-seed must be an integer >= 0, got {override!r}")
+    return override
 
 
 def query_metric(metric: str, output: Tensor, target: Tensor) -> Tensor:

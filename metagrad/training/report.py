@@ -18,6 +18,7 @@ from metagrad.training.evaluation import (
     curve_steps,
     evaluation_curves,
     rows_from_curves,
+    test_seed,
     tune_fine_tuning,
 )
 from metagrad.training.experiment import PRETRAINED, build
@@ -29,14 +30,15 @@ from metagrad.training.run import TEST_SEED_OFFSET, VAL_SEED_OFFSET
 def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | None = None,
                  shots: list[int] | None = None, which: str = "best", scratch: bool = True,
                  out: str | Path | None = None, device: str | None = None,
-                 pretrained: bool = True, report_steps: Sequence[int] | None = None
-                 ) -> tuple[list[EvalRow], list[Path]]:
+                 pretrained: bool = True, report_steps: Sequence[int] | None = None,
+                 eval_seed: int | None = None) -> tuple[list[EvalRow], list[Path]]:
     """Evaluates the ``which`` (``"best"``: validation-selected, or ``"last"``) checkpoint of a
     supervised run on ``tasks`` test tasks (default ``eval_tasks``) after each number of steps
     in ``report_steps`` (strictly increasing, within 0..``steps``; default every one of
     0..``steps``), beside the baselines — ``pretrained`` (if the run trained it) and
     ``scratch`` unless switched off — and writes ``eval.json`` and the figures into ``out``
-    (default: the run directory). Every method sees the same test tasks. The query set is met
+    (default: the run directory). Every method sees the same test tasks, drawn from
+    ``eval_seed`` (default: the run's), whatever the training seed. The query set is met
     only at the reported steps, so a sparse ``report_steps`` makes long evaluations cheaper.
 
     The meta-learner adapts with its own α; each baseline (``pretrained``, ``scratch``)
@@ -66,6 +68,7 @@ def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | Non
                 if pretrained or name != PRETRAINED}
     if scratch:
         learners["scratch"] = exp.scratch_learner()
+    seed = test_seed(cfg.eval_seed, eval_seed)
     tasks = tasks or cfg.eval_tasks
     steps = cfg.eval_steps if steps is None else steps
     measured_steps(report_steps, steps)  # refuses bad steps before any work
@@ -73,7 +76,7 @@ def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | Non
     for name in [n for n in learners if n != cfg.algo]:
         learners[name] = tune_fine_tuning(
             learners[name], setup.held_out("val", cfg.shots), cfg.val_tasks, steps,
-            setup.metric, cfg.seed + VAL_SEED_OFFSET + cfg.shots, exp.device)
+            setup.metric, seed + VAL_SEED_OFFSET + cfg.shots, exp.device)
     step_sizes = {name: learners[name].inner_lr for name in learners if name != cfg.algo}
     if step_sizes:
         print("fine-tuning step sizes chosen on the validation tasks: "
@@ -82,7 +85,7 @@ def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | Non
     rows: list[EvalRow] = []
     for k in shots:
         for name, learner in learners.items():
-            gen = torch.Generator().manual_seed(cfg.seed + TEST_SEED_OFFSET + k)
+            gen = torch.Generator().manual_seed(seed + TEST_SEED_OFFSET + k)
             curves = evaluation_curves(learner, setup.held_out("test", k), tasks, steps,
                                        setup.metric, gen, exp.device, at=report_steps)
             rows += rows_from_curves(curves, name, k, "test", setup.classes,
@@ -91,11 +94,12 @@ def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | Non
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(
         {"metric": setup.metric, "checkpoint": path.name, "iteration": state["iteration"],
-         "step_sizes": step_sizes, "results": [r.to_dict() for r in rows]}, indent=1))
+         "eval_seed": seed, "step_sizes": step_sizes,
+         "results": [r.to_dict() for r in rows]}, indent=1))
     figures = [plot_metric_vs_steps(rows, setup.metric, out / f"{setup.metric}_vs_steps.png")]
     if setup.plots is not None:
         shown = {n: learners[n] for n in (cfg.algo, PRETRAINED) if n in learners}
-        gen = torch.Generator().manual_seed(cfg.seed + TEST_SEED_OFFSET)
+        gen = torch.Generator().manual_seed(seed + TEST_SEED_OFFSET)
         figures += setup.plots(shown, out, shots, steps, gen)
     return rows, figures
 

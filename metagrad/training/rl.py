@@ -24,7 +24,12 @@ from metagrad.rl.maml_rl import MAMLRL
 from metagrad.rl.rl2 import RL2
 from metagrad.rl.settings import RLConfig
 from metagrad.training import checkpoint as ckpt
-from metagrad.training.evaluation import FINE_TUNE_SCALES, EvalRow, rows_from_curves
+from metagrad.training.evaluation import (
+    FINE_TUNE_SCALES,
+    EvalRow,
+    rows_from_curves,
+    test_seed,
+)
 from metagrad.training.plots import plot_metric_vs_steps
 from metagrad.training.report import format_table
 from metagrad.training.rl_plots import plot_navigation_trajectories
@@ -178,9 +183,11 @@ def tune_fine_tuning(learner: MAMLRL) -> MAMLRL:
 
 def evaluate_rl_run(run_dir: str | Path, tasks: int | None = None, steps: int | None = None,
                     rollouts: int | None = None, which: str = "best",
-                    out: str | Path | None = None) -> tuple[list[EvalRow], list[Path]]:
-    """The return after 0..``steps`` adaptation steps on held-out tasks (drawn from a fixed test
-    seed: runs with different training seeds meet the same tasks; mean ± 95% CI over tasks) of
+                    out: str | Path | None = None, eval_seed: int | None = None
+                    ) -> tuple[list[EvalRow], list[Path]]:
+    """The return after 0..``steps`` adaptation steps on held-out tasks (drawn from ``eval_seed``,
+    default the run's, whatever the training seed: runs with different training seeds meet the
+    same tasks; mean ± 95% CI over tasks) of
     the ``which`` (``"last"`` or ``"best"``) checkpoint's policies and of a fresh initialisation
     (``random``). The trained method adapts with its own α; the baselines (``pretrained``,
     ``random``) with the step sizes of :func:`tune_fine_tuning`, recorded in ``eval.json``'s
@@ -199,7 +206,7 @@ def evaluate_rl_run(run_dir: str | Path, tasks: int | None = None, steps: int | 
     tasks = tasks or cfg.eval_tasks
     steps = cfg.eval_steps if steps is None else steps
     rollouts = rollouts or cfg.eval_rollouts
-    seed = TEST_SEED_OFFSET  # the same held-out tasks whatever the training seed
+    seed = TEST_SEED_OFFSET + test_seed(cfg.eval_seed, eval_seed)
     test_tasks = methods["random"].env.sample_tasks(tasks, torch.Generator().manual_seed(seed))
     rows: list[EvalRow] = []
     for name, learner in methods.items():  # every method sees the same tasks and noise seed
@@ -209,6 +216,7 @@ def evaluate_rl_run(run_dir: str | Path, tasks: int | None = None, steps: int | 
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(
         {"metric": "return", "checkpoint": path.name, "iteration": state["iteration"],
+         "eval_seed": seed - TEST_SEED_OFFSET,
          "step_sizes": {n: [float(f"{lr:.6g}") for lr in (m.config.inner_lr,
                                                             m.config.eval_inner_lr)]
                         for n, m in methods.items() if isinstance(m, MAMLRL)},

@@ -131,6 +131,18 @@ def test_eval_json_has_every_method_and_step(run):
     assert json.loads((run / "eval.json").read_text())["checkpoint"] == "best.safetensors"
 
 
+def test_test_tasks_follow_eval_seed(run, tmp_path):
+    """The same checkpoint meets the same test tasks under one ``eval_seed`` (the default 0),
+    other tasks under another; eval.json records the seed."""
+    def returns(name, **kwargs):
+        rows, _ = evaluate_rl_run(run, tasks=3, steps=0, rollouts=2, which="last",
+                                  out=tmp_path / name, **kwargs)
+        return [r.mean for r in rows]
+
+    assert returns("default") == returns("zero", eval_seed=0) != returns("one", eval_seed=1)
+    assert json.loads((tmp_path / "one" / "eval.json").read_text())["eval_seed"] == 1
+
+
 def test_cli_eval_prints_the_table_and_step_sizes(run, capsys):
     main(["eval", str(run), "--tasks", "2", "--steps", "1", "--rollouts", "2"])
     out = capsys.readouterr().out

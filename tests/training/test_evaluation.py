@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from metagrad import MAML
 from metagrad.config import resolve
+from metagrad.errors import ConfigError
 from metagrad.models.mlp import sinusoid_mlp
 from metagrad.tasks.sinusoid import SinusoidTasks
 from metagrad.training.evaluation import FINE_TUNE_SCALES, evaluation_curves, tune_fine_tuning
@@ -114,3 +115,39 @@ def test_cli_eval_at_report_steps_without_baselines_matches_the_full_evaluation(
     assert [r["method"] for r in sparse["results"]] == ["maml"] * 3
     assert got.keys() == {0, 2, 6}
     assert got == pytest.approx({k: expected[k] for k in got}, rel=1e-5)
+
+
+def test_test_tasks_follow_eval_seed_not_the_training_seed(tmp_path):
+    """One checkpoint meets the same test tasks whatever the run's training ``seed``, other ones
+    under another ``eval_seed``; a config.yaml written before ``eval_seed`` existed keeps the
+    test tasks it was evaluated on (those of its training seed)."""
+    import shutil
+
+    import yaml
+
+    cfg = resolve("sinusoid", "paper", dict(iterations=5, val_every=1000, checkpoint_every=5,
+                                            eval_tasks=10, eval_steps=1, val_tasks=5,
+                                            eval_shots=[5], threads=1))
+    train(cfg, tmp_path / "run", progress=False)
+
+    def means(run, **kwargs):
+        rows, _ = evaluate_run(tmp_path / run, out=tmp_path / f"eval-{run}-{len(kwargs)}",
+                               scratch=False, pretrained=False, **kwargs)
+        return [r.mean for r in rows]
+
+    def copy_with(name, edit):
+        shutil.copytree(tmp_path / "run", tmp_path / name)
+        path = tmp_path / name / "config.yaml"
+        values = yaml.safe_load(path.read_text())
+        edit(values)
+        path.write_text(yaml.safe_dump(values))
+
+    copy_with("seed3", lambda v: v.update(seed=3))
+    copy_with("old-seed3", lambda v: (v.update(seed=3), v.pop("eval_seed")))
+    base = means("run")
+    assert means("seed3") == base
+    assert means("run", eval_seed=3) != base
+    assert means("old-seed3") == means("run", eval_seed=3)
+    assert json.loads((tmp_path / "eval-old-seed3-0" / "eval.json").read_text())["eval_seed"] == 3
+    with pytest.raises(ConfigError, match="--eval-seed must be an integer >= 0"):
+        means("run", eval_seed=-1)
