@@ -96,6 +96,11 @@ class RLConfig:
     threads: int | None = setting(None, "torch intra-op threads (None: torch's default).", min=1)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N (under torchrun: the local rank's "
                           "GPU): where the policy is trained.")
+    physics: Literal["gymnasium", "rllab"] = setting(
+        "gymnasium", "MuJoCo locomotion: gymnasium's v5 control (5 physics steps of 0.01 s per "
+        "action) and reset, or the MAML authors' rllab environments (one physics step per "
+        "action: 0.02 s for the ant, 0.01 s for the half cheetah; rllab's initial pose and "
+        "reset noise).")
     env_threads: int | None = setting(
         None, "MuJoCo environments: threads of the batched mujoco.rollout (0 = the calling "
         "thread; None = this process's share of the CPUs; results do not depend on it).", min=0)

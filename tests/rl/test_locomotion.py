@@ -92,13 +92,15 @@ def _actions(steps: int, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["AntVel", "HalfCheetahDir"])
-@pytest.mark.parametrize("threads", [0, 2])
-def test_rollout_is_bit_identical_to_a_loop_of_mj_step(name, threads):
+@pytest.mark.parametrize(("threads", "physics"), [(0, "gymnasium"), (2, "gymnasium"),
+                                                  (0, "rllab")])
+def test_rollout_is_bit_identical_to_a_loop_of_mj_step(name, threads, physics):
     """Every environment evolves exactly as one MjData stepped by ``mj_step``: each action held
     for ``frame_skip`` steps, from a zero solver warm start (the batched rollout starts every
     action's steps from the stored state alone), until its episode ends; from then on its state
     stays as it ended while the others run on."""
-    env = make_env(name, horizon=20, env_threads=threads)
+    steps = 20 if physics == "gymnasium" else 50
+    env = make_env(name, horizon=steps, env_threads=threads, physics=physics)
     env.reset_task(torch.tensor([0.5, 1.0]))
     env.reset(3, torch.Generator().manual_seed(0))
     full = mujoco.mjtState.mjSTATE_FULLPHYSICS
@@ -107,7 +109,7 @@ def test_rollout_is_bit_identical_to_a_loop_of_mj_step(name, threads):
         mujoco.mj_setState(env.model, d, state, full)
     low, high = env.model.actuator_ctrlrange.T
     ended = np.zeros(6, dtype=bool)
-    for action in _actions(20, (2, 3, env.act_dim)):
+    for action in _actions(steps, (2, 3, env.act_dim)):
         _, _, done = env.step(action)
         for d, a, state, end in zip(datas, action.reshape(6, -1).double().numpy(), env._state,
                                     ended, strict=True):
@@ -120,7 +122,7 @@ def test_rollout_is_bit_identical_to_a_loop_of_mj_step(name, threads):
             mujoco.mj_getState(env.model, d, expected, full)
             np.testing.assert_array_equal(state, expected)
         ended = done.view(-1).numpy()
-    if name == "AntVel":
+    if name == "AntVel" and physics == "gymnasium":  # (rllab's ant stands longer)
         assert 0 < ended.sum() < 6  # the actions end some episodes and not others
 
 
@@ -130,22 +132,33 @@ GYMNASIUM = {
 }
 
 
+RLLAB_TIMESTEP = {"ant": 0.02, "half_cheetah": 0.01}
+"""The ``<option timestep>`` of rllab's ant.xml and half_cheetah.xml, which set no frame skip."""
+
+
+@pytest.mark.parametrize("physics", ["gymnasium", "rllab"])
 @pytest.mark.parametrize(("name", "goal"), [("AntDir", -1.0), ("AntVel", 1.3),
                                             ("HalfCheetahVel", 1.3), ("HalfCheetahDir", -1.0)])
-def test_dynamics_and_rewards_match_gymnasium(name, goal):
+def test_dynamics_and_rewards_match_gymnasium(name, goal, physics):
     """One rollout, step by step, against gymnasium's v5 environment from the same state with the
     same actions (a third outside [−1, 1]): the same observations and episode ends
     (``terminated``), and the module doc's task reward of gymnasium's forward velocity and the
-    clipped action.
+    clipped action. ``physics="rllab"`` is compared with the v5 environment stepped as the
+    authors' rllab models are: one physics step of rllab's timestep per action.
 
     Ant-v5's ``info["x_velocity"]`` differs from the velocity of the step: it is taken from the
     torso's ``xpos``, which ``mj_step`` leaves at the last Runge–Kutta stage rather than at the
     step's end (here by up to 2 mm, 0.04 in velocity); the ant's velocity is therefore taken from
     gymnasium's ``qpos``, which HalfCheetah-v5's ``x_velocity`` is."""
     gym = pytest.importorskip("gymnasium")
-    env = make_env(name, horizon=50)
-    gym_id, options = GYMNASIUM["ant" if name.startswith("Ant") else "half_cheetah"]
-    reference = gym.make(gym_id, frame_skip=5, **options).unwrapped
+    env = make_env(name, horizon=50, physics=physics)
+    robot = "ant" if name.startswith("Ant") else "half_cheetah"
+    gym_id, options = GYMNASIUM[robot]
+    reference = gym.make(gym_id, frame_skip=5 if physics == "gymnasium" else 1,
+                         **options).unwrapped
+    if physics == "rllab":
+        reference.model.opt.timestep = RLLAB_TIMESTEP[robot]
+    assert env.dt == reference.dt == {"gymnasium": 0.05, "rllab": RLLAB_TIMESTEP[robot]}[physics]
     reference.reset(seed=0)
     env.reset_task(torch.tensor([goal]))
     env.reset(1, torch.Generator().manual_seed(0))
@@ -167,6 +180,26 @@ def test_dynamics_and_rewards_match_gymnasium(name, goal):
         torch.testing.assert_close(reward.view(()), torch.tensor(expected_reward).float())
         if terminated:
             break
+
+
+@pytest.mark.parametrize("robot", ["Ant", "HalfCheetah"])
+def test_rllab_physics_resets_to_rllabs_initial_pose_with_its_noise(robot):
+    """rllab resets qpos to its model's initial pose (the ant's ``init_qpos``: standing on bent
+    legs, torso at 0.55; the cheetah's model pose) plus 0.01·N(0, 1), and qvel to 0.1·N(0, 1)."""
+    pose = {"Ant": [0, 0, 0.55, 1, 0, 0, 0, 0, 1, 0, -1, 0, -1, 0, 1],
+            "HalfCheetah": [0.0] * 9}[robot]
+    env = make_env(f"{robot}Vel", physics="rllab")
+    env.reset_task(torch.zeros(4))
+    env.reset(500, torch.Generator().manual_seed(0))
+    qpos, qvel = (torch.from_numpy(env._state[:, part]) for part in (env._qpos, env._qvel))
+    torch.testing.assert_close(qpos.mean(0), torch.tensor(pose, dtype=torch.float64),
+                               atol=2e-3, rtol=0)
+    torch.testing.assert_close(qpos.std(0), torch.full((len(pose),), 0.01, dtype=torch.float64),
+                               atol=1.5e-3, rtol=0)
+    torch.testing.assert_close(qvel.mean(0), torch.zeros(qvel.shape[1], dtype=torch.float64),
+                               atol=2e-2, rtol=0)
+    torch.testing.assert_close(qvel.std(0), torch.full((qvel.shape[1],), 0.1,
+                                                       dtype=torch.float64), atol=1e-2, rtol=0)
 
 
 def test_ended_ant_episode_stays_ended_and_the_sampler_masks_it():

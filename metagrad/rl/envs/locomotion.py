@@ -1,16 +1,26 @@
 """MuJoCo locomotion tasks of the MAML paper (Finn et al. 2017, §5.3), batched.
 
-The robots are gymnasium's ``HalfCheetah-v5`` / ``Ant-v5`` models (same XML, frame skip 5,
-dt = 0.05, same reset noise: qpos + U(−0.1, 0.1), qvel + 0.1·N(0, 1), the same observations
-without x (and y for the ant); the ant's contact forces are left out). Every step advances all
-tasks × rollouts at once with :func:`mujoco.rollout` (``frame_skip`` physics steps from the
-batch of states, the action held fixed), not through a Python loop over environments. Each
-environment evolves exactly as one ``MjData`` stepped by ``mj_step`` whose constraint solver
-starts every action from a zero warm start (gymnasium carries the warm start over; the
-observations agree to float32 precision, ``tests/rl/test_locomotion.py``).
+The robots are gymnasium's ``HalfCheetah-v5`` / ``Ant-v5`` models (same XML, the same observations
+without x (and y for the ant); the ant's contact forces are left out), stepped with one of two
+``physics``:
 
-Rewards (v = forward velocity Δx/dt, a = action clipped to [−1, 1]); the costs follow the MAML
-authors' rllab environments:
+* ``"gymnasium"`` (v5): 5 physics steps of 0.01 s per action (dt = 0.05); reset to the model's
+  initial pose with qpos + U(−0.1, 0.1), qvel + 0.1·N(0, 1).
+* ``"rllab"``, the MAML authors' environments (rllab's ``ant.xml`` and ``half_cheetah.xml``, which
+  set no frame skip): one physics step per action, of 0.02 s for the ant (its RK4 timestep) and
+  0.01 s for the half cheetah; reset to rllab's initial pose (the ant stands on bent legs, torso
+  at 0.55) with qpos + 0.01·N(0, 1), qvel + 0.1·N(0, 1). An episode of H = 200 steps then lasts
+  4 s (ant) or 2 s (half cheetah) of simulated time, against 10 s in gymnasium's.
+
+Every step advances all tasks × rollouts at once with :func:`mujoco.rollout` (``frame_skip``
+physics steps from the batch of states, the action held fixed), not through a Python loop over
+environments. Each environment evolves exactly as one ``MjData`` stepped by ``mj_step`` whose
+constraint solver starts every action from a zero warm start (gymnasium carries the warm start
+over; the observations agree to float32 precision, ``tests/rl/test_locomotion.py``).
+
+Rewards (v = forward velocity Δx/dt of the root, as gymnasium's; rllab's ant takes the
+instantaneous velocity of its centre of mass instead; a = action clipped to [−1, 1]); the costs
+follow the MAML authors' rllab environments:
 
 * ``HalfCheetahVel``: goal velocity g ~ U[0, 2]; r = −|v − g| − 0.05‖a‖².
 * ``HalfCheetahDir``: direction d = ±1; r = d·v − 0.05‖a‖².
@@ -73,13 +83,19 @@ class Robot:
     velocity_bonus: float
     """Further constant reward at every step of the goal-velocity task."""
     max_goal_velocity: float
+    rllab_timestep: float
+    """The physics step of the authors' rllab model (one step per action)."""
+    rllab_init_qpos: tuple[float, ...] | None = None
+    """The initial pose of the authors' rllab model (None: the model's own)."""
     healthy_z: tuple[float, float] | None = None
     """The range of the root's height qpos[2] outside which an episode ends (None: never)."""
 
 
 ROBOTS = {
-    "half_cheetah": Robot("half_cheetah.xml", 1, 0.05, 0.0, 0.0, 2.0),
-    "ant": Robot("ant.xml", 2, 0.005, 0.05, 1.0, 3.0, healthy_z=(0.2, 1.0)),
+    "half_cheetah": Robot("half_cheetah.xml", 1, 0.05, 0.0, 0.0, 2.0, rllab_timestep=0.01),
+    "ant": Robot("ant.xml", 2, 0.005, 0.05, 1.0, 3.0, rllab_timestep=0.02,
+                 rllab_init_qpos=(0, 0, 0.55, 1, 0, 0, 0, 0, 1, 0, -1, 0, -1, 0, 1),
+                 healthy_z=(0.2, 1.0)),
 }
 
 
@@ -91,15 +107,16 @@ class Locomotion:
         nthread: MuJoCo rollout threads (0 = the calling thread; None: this process's share of
             the CPUs, :func:`default_threads`). Every environment is simulated from its own
             state by one thread, so the results do not depend on it.
-        frame_skip: physics steps per action.
+        physics: ``"gymnasium"`` (v5) or ``"rllab"`` (the MAML authors'): the control period,
+            the initial pose and the reset noise (module doc).
         device: where observations, rewards and tasks are returned (MuJoCo simulates on the CPU).
     """
 
-    reset_noise = 0.1
     default_horizon = 200
 
     def __init__(self, robot: Literal["half_cheetah", "ant"], task: Literal["vel", "dir"], *,
-                 horizon: int | None = None, nthread: int | None = None, frame_skip: int = 5,
+                 horizon: int | None = None, nthread: int | None = None,
+                 physics: Literal["gymnasium", "rllab"] = "gymnasium",
                  device: torch.device | str = "cpu") -> None:
         horizon = self.default_horizon if horizon is None else horizon
         nthread = default_threads() if nthread is None else nthread
@@ -109,22 +126,24 @@ class Locomotion:
             raise ConfigError(
                 f"task must be 'vel' (goal velocity) or 'dir' (direction), got {task!r}"
             )
-        if horizon < 1 or frame_skip < 1 or nthread < 0:
-            raise ConfigError(
-                f"need horizon >= 1, frame_skip >= 1, nthread >= 0; got {horizon}, {frame_skip}, "
-                f"{nthread}"
-            )
+        if physics not in ("gymnasium", "rllab"):
+            raise ConfigError(f"physics must be 'gymnasium' or 'rllab', got {physics!r}")
+        if horizon < 1 or nthread < 0:
+            raise ConfigError(f"need horizon >= 1, nthread >= 0; got {horizon}, {nthread}")
         mujoco = import_mujoco()
         self._mujoco = mujoco
         self.robot = ROBOTS[robot]
         self.task = task
         self.horizon = horizon
-        self.frame_skip = frame_skip
+        self.physics = physics
         self.device = torch.device(device)
         self.bonus = self.robot.bonus + (self.robot.velocity_bonus if task == "vel" else 0.0)
         assets = importlib.resources.files("gymnasium") / "envs" / "mujoco" / "assets"
         self.model = _load_model(mujoco, (assets / self.robot.xml).read_text())
-        self.dt = self.model.opt.timestep * frame_skip
+        if physics == "rllab":
+            self.model.opt.timestep = self.robot.rllab_timestep
+        self.frame_skip = 5 if physics == "gymnasium" else 1
+        self.dt = self.model.opt.timestep * self.frame_skip
         self._data = [mujoco.MjData(self.model) for _ in range(max(nthread, 1))]
         self._rollout = mujoco.rollout.Rollout(nthread=nthread)
         full = mujoco.mjtState.mjSTATE_FULLPHYSICS
@@ -134,6 +153,8 @@ class Locomotion:
         self._qvel = slice(self._qpos.stop, self._qpos.stop + self.model.nv)
         self._initial = np.empty(self._nstate)
         mujoco.mj_getState(self.model, self._data[0], self._initial, full)
+        if physics == "rllab" and self.robot.rllab_init_qpos is not None:
+            self._initial[self._qpos] = self.robot.rllab_init_qpos
         self.obs_dim = self.model.nq - self.robot.obs_skip + self.model.nv
         self.act_dim = self.model.nu
         low, high = self.model.actuator_ctrlrange.T
@@ -171,15 +192,19 @@ class Locomotion:
     def reset(self, rollouts: int, generator: torch.Generator) -> Tensor:
         n = len(self.tasks) * rollouts
         nq, nv = self.model.nq, self.model.nv
-        noise_q = (torch.rand(n, nq, generator=generator, dtype=torch.float64,
-                              device=generator.device) * 2 - 1)
+        if self.physics == "gymnasium":  # U(-0.1, 0.1)
+            noise_q = (torch.rand(n, nq, generator=generator, dtype=torch.float64,
+                                  device=generator.device) * 2 - 1) * 0.1
+        else:  # 0.01·N(0, 1)
+            noise_q = torch.randn(n, nq, generator=generator, dtype=torch.float64,
+                                  device=generator.device) * 0.01
         noise_v = torch.randn(n, nv, generator=generator, dtype=torch.float64,
                               device=generator.device)
         if len(self._state) != n:
             self._allocate(n)
         self._state[:] = self._initial
-        self._state[:, self._qpos] += self.reset_noise * noise_q.cpu().numpy()
-        self._state[:, self._qvel] += self.reset_noise * noise_v.cpu().numpy()
+        self._state[:, self._qpos] += noise_q.cpu().numpy()
+        self._state[:, self._qvel] += 0.1 * noise_v.cpu().numpy()
         self._ended[:] = False
         self._shape = (len(self.tasks), rollouts)
         return self._observe()
@@ -244,10 +269,10 @@ def default_threads() -> int:
 
 def from_config(robot: Literal["half_cheetah", "ant"], task: Literal["vel", "dir"],
                 config: RLConfig, device: torch.device) -> Locomotion:
-    """The registry's factory (``robot`` and ``task`` bound per entry): ``horizon`` and
-    ``env_threads``."""
+    """The registry's factory (``robot`` and ``task`` bound per entry): ``horizon``,
+    ``env_threads`` and ``physics``."""
     return Locomotion(robot, task, horizon=config.horizon, nthread=config.env_threads,
-                      device=device)
+                      physics=config.physics, device=device)
 
 
 _TOTAL_MASS = re.compile(r'\s+settotalmass="([^"]+)"')
