@@ -100,7 +100,7 @@ class RLConfig:
         "gymnasium", "MuJoCo locomotion: gymnasium's v5 control (5 physics steps of 0.01 s per "
         "action) and reset, or the MAML authors' rllab environments (one physics step per "
         "action: 0.02 s for the ant, 0.01 s for the half cheetah; rllab's initial pose and "
-        "reset noise).")
+        "reset noise). The ant tasks default to rllab.")
     env_threads: int | None = setting(
         None, "MuJoCo environments: threads of the batched mujoco.rollout (0 = the calling "
         "thread; None = this process's share of the CPUs; results do not depend on it).", min=0)

@@ -45,8 +45,9 @@ _LOCOMOTION = dict(meta_batch=40, rollouts=20, horizon=200, inner_lr=0.1, iterat
 ENV_DEFAULTS: dict[str, dict[str, Any]] = {
     "navigation2d": dict(meta_batch=20, rollouts=20, horizon=100, inner_lr=0.1, iterations=500,
                          val_tasks=40),
-    **{name: _LOCOMOTION for name in ("halfcheetahvel", "halfcheetahdir", "antvel")},
-    "antdir": {**_LOCOMOTION, "rollouts": 40},
+    **{name: _LOCOMOTION for name in ("halfcheetahvel", "halfcheetahdir")},
+    "antvel": {**_LOCOMOTION, "physics": "rllab"},
+    "antdir": {**_LOCOMOTION, "physics": "rllab", "rollouts": 40},
 }
 """The paper's settings (Finn et al. 2017, §5.3 and App. A.2): 20 rollouts per task (40 for the
 ant's direction task); meta-batch 20 (navigation, H = 100) or 40 (locomotion, H = 200); α = 0.1
@@ -54,7 +55,10 @@ in every RL experiment (0.05 after the first step at evaluation); up to 500 meta
 Navigation validates on 40 tasks (a fraction of a second), locomotion on the default 20. The
 authors' code agrees for the locomotion tasks (``fast_lr`` 0.1, 20 rollouts, H 200, meta-batch
 40; its ant scripts use 20 rollouts for every ant task) but its navigation script
-uses α = 0.5 and meta-batch 40; the paper's values are used here."""
+uses α = 0.5 and meta-batch 40; the paper's values are used here. The ants step as the authors'
+rllab ant does (``physics="rllab"``: one 0.02 s physics step per action, rllab's initial pose);
+the half cheetahs keep gymnasium's v5 control (``physics="gymnasium"``). A config stored without
+``physics`` was trained with gymnasium's, the field's default, which it keeps on resume."""
 
 METHOD_NAMES = {"maml": "maml", "pretrain": "pretrained", "rl2": "rl2"}
 """Names of the trained policies in checkpoints, metrics and ``eval.json``."""

@@ -24,6 +24,7 @@ from metagrad.training.rl import (
     RLJob,
     evaluate_rl_run,
     resolve_rl,
+    rl_config_from_dict,
     tune_fine_tuning,
     validation_return,
 )
@@ -224,6 +225,12 @@ def test_settings_resolve_per_environment_with_clear_errors():
     assert (cheetah.meta_batch, cheetah.rollouts, cheetah.horizon, cheetah.inner_lr) == (
         40, 20, 200, 0.1)
     assert cheetah.baseline is False
+    assert cheetah.physics == "gymnasium"
+    ant = resolve_rl({"env": "antdir"})
+    assert (ant.physics, ant.rollouts) == ("rllab", 40)
+    assert resolve_rl({"env": "antvel", "physics": "gymnasium"}).physics == "gymnasium"
+    # a run stored before the setting existed keeps the physics it trained with
+    assert rl_config_from_dict({"env": "antvel"}).physics == "gymnasium"
     with pytest.raises(ConfigError, match="Did you mean 'meta_batch'"):
         resolve_rl({"meta_bach": "3"})
     with pytest.raises(ConfigError, match="rollouts: cannot read 'many' as int"):
