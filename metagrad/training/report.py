@@ -38,8 +38,10 @@ def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | Non
     0..``steps``), beside the baselines — ``pretrained`` (if the run trained it) and
     ``scratch`` unless switched off — and writes ``eval.json`` and the figures into ``out``
     (default: the run directory). Every method sees the same test tasks, drawn from
-    ``eval_seed`` (default: the run's), whatever the training seed. The query set is met
-    only at the reported steps, so a sparse ``report_steps`` makes long evaluations cheaper.
+    ``eval_seed`` (default: the run's), whatever the training seed; ``scratch``'s initialisation
+    is drawn from it too, so an evaluation does not depend on what ran before it. The query set
+    is met only at the reported steps, so a sparse ``report_steps`` makes long evaluations
+    cheaper.
 
     The meta-learner adapts with its own α; each baseline (``pretrained``, ``scratch``)
     fine-tunes with the step size of :func:`~metagrad.training.evaluation.tune_fine_tuning`,
@@ -66,9 +68,11 @@ def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | Non
                               "to another task, algorithm or model") from None
     learners = {name: learner for name, learner in exp.learners.items()
                 if pretrained or name != PRETRAINED}
-    if scratch:
-        learners["scratch"] = exp.scratch_learner()
     seed = test_seed(cfg.eval_seed, eval_seed)
+    if scratch:  # its initialisation drawn from the evaluation's seed, not the process's state
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + TEST_SEED_OFFSET)
+            learners["scratch"] = exp.scratch_learner()
     tasks = tasks or cfg.eval_tasks
     steps = cfg.eval_steps if steps is None else steps
     measured_steps(report_steps, steps)  # refuses bad steps before any work

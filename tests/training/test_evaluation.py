@@ -151,3 +151,19 @@ def test_test_tasks_follow_eval_seed_not_the_training_seed(tmp_path):
     assert json.loads((tmp_path / "eval-old-seed3-0" / "eval.json").read_text())["eval_seed"] == 3
     with pytest.raises(ConfigError, match="--eval-seed must be an integer >= 0"):
         means("run", eval_seed=-1)
+
+
+def test_the_scratch_row_does_not_depend_on_what_ran_before(tmp_path):
+    """The scratch network's initialisation comes from the evaluation's seed, not from the
+    process's random state (which depends on whatever ran before in it)."""
+    cfg = resolve("sinusoid", "paper", dict(iterations=2, val_every=1000, checkpoint_every=2,
+                                            eval_tasks=10, eval_steps=1, val_tasks=5,
+                                            eval_shots=[5], threads=1, baseline=False))
+    train(cfg, tmp_path / "run", progress=False)
+    results = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        rows, _ = evaluate_run(tmp_path / "run", out=tmp_path / f"ev{state}", pretrained=False)
+        results.append({(r.method, r.steps): r.mean for r in rows})
+    assert results[0] == results[1]
+    assert {m for m, _ in results[0]} == {"maml", "scratch"}
