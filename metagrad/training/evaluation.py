@@ -31,7 +31,7 @@ FINE_TUNE_SCALES = (3.0, 1.0, 0.3, 0.1, 0.03, 0.01)
 size is chosen on the validation tasks (supervised and meta-RL)."""
 
 
-def test_seed(configured: int, override: int | None) -> int:
+def resolve_eval_seed(configured: int, override: int | None) -> int:
     """The seed of an evaluation's test tasks: ``override`` (``--eval-seed``) if given, else the
     run's ``eval_seed``."""
     if override is None:

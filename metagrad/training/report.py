@@ -17,8 +17,8 @@ from metagrad.training.evaluation import (
     EvalRow,
     curve_steps,
     evaluation_curves,
+    resolve_eval_seed,
     rows_from_curves,
-    test_seed,
     tune_fine_tuning,
 )
 from metagrad.training.experiment import PRETRAINED, build
@@ -68,7 +68,7 @@ def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | Non
                               "to another task, algorithm or model") from None
     learners = {name: learner for name, learner in exp.learners.items()
                 if pretrained or name != PRETRAINED}
-    seed = test_seed(cfg.eval_seed, eval_seed)
+    seed = resolve_eval_seed(cfg.eval_seed, eval_seed)
     if scratch:  # its initialisation drawn from the evaluation's seed, not the process's state
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + TEST_SEED_OFFSET)

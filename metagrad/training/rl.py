@@ -27,8 +27,8 @@ from metagrad.training import checkpoint as ckpt
 from metagrad.training.evaluation import (
     FINE_TUNE_SCALES,
     EvalRow,
+    resolve_eval_seed,
     rows_from_curves,
-    test_seed,
 )
 from metagrad.training.plots import plot_metric_vs_steps
 from metagrad.training.report import format_table
@@ -210,7 +210,7 @@ def evaluate_rl_run(run_dir: str | Path, tasks: int | None = None, steps: int | 
     tasks = tasks or cfg.eval_tasks
     steps = cfg.eval_steps if steps is None else steps
     rollouts = rollouts or cfg.eval_rollouts
-    seed = TEST_SEED_OFFSET + test_seed(cfg.eval_seed, eval_seed)
+    seed = TEST_SEED_OFFSET + resolve_eval_seed(cfg.eval_seed, eval_seed)
     test_tasks = methods["random"].env.sample_tasks(tasks, torch.Generator().manual_seed(seed))
     rows: list[EvalRow] = []
     for name, learner in methods.items():  # every method sees the same tasks and noise seed
