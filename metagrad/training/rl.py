@@ -210,7 +210,8 @@ def evaluate_rl_run(run_dir: str | Path, tasks: int | None = None, steps: int | 
     tasks = tasks or cfg.eval_tasks
     steps = cfg.eval_steps if steps is None else steps
     rollouts = rollouts or cfg.eval_rollouts
-    seed = TEST_SEED_OFFSET + resolve_eval_seed(cfg.eval_seed, eval_seed)
+    eval_seed = resolve_eval_seed(cfg.eval_seed, eval_seed)
+    seed = TEST_SEED_OFFSET + eval_seed
     test_tasks = methods["random"].env.sample_tasks(tasks, torch.Generator().manual_seed(seed))
     rows: list[EvalRow] = []
     for name, learner in methods.items():  # every method sees the same tasks and noise seed
@@ -220,7 +221,7 @@ def evaluate_rl_run(run_dir: str | Path, tasks: int | None = None, steps: int | 
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(
         {"metric": "return", "checkpoint": path.name, "iteration": state["iteration"],
-         "eval_seed": seed - TEST_SEED_OFFSET,
+         "eval_seed": eval_seed,
          "step_sizes": {n: [float(f"{lr:.6g}") for lr in (m.config.inner_lr,
                                                             m.config.eval_inner_lr)]
                         for n, m in methods.items() if isinstance(m, MAMLRL)},
