@@ -22,6 +22,7 @@ alone, while the others wait, may legitimately take minutes).
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -102,6 +103,11 @@ class Distributed:
         if not dist.is_initialized():
             if device.type == "cuda":
                 torch.cuda.set_device(device)
+            # torch._dynamo, when first imported after the group exists (torch.func and the
+            # optimizers import it lazily), keeps references to the default group; the group
+            # then outlives destroy_process_group (close), so do its worker threads, and one of
+            # them releasing its last work during interpreter teardown aborts the process
+            importlib.import_module("torch._dynamo")
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return cls(dist.get_rank(), dist.get_world_size(), device)
 
@@ -167,5 +173,7 @@ class Distributed:
             _collective(dist.barrier)
 
     def close(self) -> None:
+        """Leaves the process group (every rank, after its last collective): its worker threads
+        end here, while the interpreter is alive."""
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -25,6 +25,7 @@ ARGS = ["train", "sinusoid", "--iterations", "12", "--meta-batch", str(TASKS), "
 # Run by each torchrun process: the trainer's gradient exchange (Distributed.shard, share,
 # all_reduce) on a fixed batch, for two learners reduced in one all-reduce as the trainer does.
 WORKER = """
+import os
 import sys
 import torch
 import metagrad
@@ -32,16 +33,18 @@ from metagrad.distributed import Distributed
 from test_distributed import learners, reference_batch
 
 dist = Distributed.from_environment()
+import torch._dynamo  # as the trainer's optimizers and torch.func import it: after the group exists
 batch = reference_batch()
 mine = dist.shard(batch)
 models = learners()
 losses = torch.stack([m.meta_gradient(mine) for m in models])
 reduced = dist.all_reduce(models, dist.share(batch), losses)
 part = dist.part(batch.num_tasks)
-torch.save({"package": metagrad.__file__, "part": [part.start, part.stop], "local": losses.detach(), "loss": reduced,
-            "grads": [[p.grad for p in m.parameters()] for m in models]},
-           f"{sys.argv[1]}/rank{dist.rank}.pt")
 dist.close()
+torch.save({"package": metagrad.__file__, "part": [part.start, part.stop], "local": losses.detach(), "loss": reduced,
+            "grads": [[p.grad for p in m.parameters()] for m in models],
+            "threads_after_close": len(os.listdir("/proc/self/task"))},
+           f"{sys.argv[1]}/rank{dist.rank}.pt")
 """
 
 
@@ -96,6 +99,9 @@ def test_all_reduced_meta_gradients_match_one_process_on_an_uneven_split(tmp_pat
     # an equal-weight average of the two ranks' means (the classic mistake) would differ
     naive = (ranks[0]["local"] + ranks[1]["local"]) / 2
     assert not torch.allclose(naive, ref_losses.detach(), rtol=1e-6)
+    # close() ends gloo's worker threads while the interpreter lives: one left running may release
+    # its last work during teardown and abort the process (SIGABRT, "terminate called ...")
+    assert [r["threads_after_close"] for r in ranks] == [1, 1]
 
 
 def test_two_processes_match_one(tmp_path):

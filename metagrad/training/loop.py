@@ -128,6 +128,10 @@ def train(config: Config | None, run_dir: str | Path, resume: bool = False,
                     if start is not None else {}), **said)
         run.train(progress=progress, interval=log_interval)
         dist.barrier()
+        # leave the process group while every rank is alive: gloo's worker threads, left to the
+        # interpreter's teardown, may abort the process ("terminate called without an active
+        # exception") after a successful run; not on failure, where it could wait for a dead peer
+        dist.close()
     finally:
         lock.release()
         if dist.is_main and not resume and not directory.config_path.exists():
