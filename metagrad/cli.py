@@ -281,7 +281,12 @@ def _default_checkpoint(run_dir: Path) -> str:
 
 def _print_eval(run_dir: Path, out: Path | None, which: str, **kwargs: Any) -> None:
     from metagrad.training.loop import read_config
-    from metagrad.training.report import conditioning_only, evaluate_run, format_table
+    from metagrad.training.report import (
+        conditioning_only,
+        evaluate_run,
+        format_gains,
+        format_table,
+    )
 
     cfg = read_config(run_dir)
     if hasattr(cfg, "env"):
@@ -309,6 +314,8 @@ def _print_eval(run_dir: Path, out: Path | None, which: str, **kwargs: Any) -> N
     shown = tuple(s for s in steps if s in (0, 1, 3, 5, 10) or s == steps[-1]
                   or kwargs.get("report_steps") is not None)
     print(format_table(rows, metric.split()[0], shown))
+    if gains := format_gains(rows, metric.split()[0]):
+        print(gains)
     for method in conditioning_only(rows):
         print(f"({method} takes no gradient steps: its 0-steps column is its {metric} after "
               "conditioning on the support set)")

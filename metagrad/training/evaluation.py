@@ -110,7 +110,11 @@ def tune_fine_tuning(learner: MAML, sampler: TaskSampler, num_tasks: int, steps:
 
 @dataclass
 class EvalRow:
-    """One row of ``eval.json``."""
+    """One row of ``eval.json``. ``gain_ci95``: the half-width of the paired 95% interval of the
+    per-task change since 0 steps (this row's metric minus the same task's at 0 steps; its mean
+    is ``mean`` minus the 0-step row's). Tasks differ far more than one task's adaptation changes
+    it, so this interval is much narrower than the two rows' own intervals together, and it is
+    the one that says whether adaptation helped."""
 
     method: str
     shots: int
@@ -120,23 +124,23 @@ class EvalRow:
     tasks: int
     split: str
     ways: int | None = None
+    gain_ci95: float | None = None
 
     def to_dict(self) -> dict:
-        row = asdict(self)
-        if row["ways"] is None:
-            del row["ways"]
-        return row
+        return {k: v for k, v in asdict(self).items()
+                if v is not None or k not in ("ways", "gain_ci95")}
 
 
 def rows_from_curves(curves: Tensor, method: str, shots: int, split: str,
                      ways: int | None = None, steps: Sequence[int] | None = None
                      ) -> list[EvalRow]:
     """One row per column of ``curves`` (``[tasks, columns]``), column i labelled ``steps[i]``
-    (default: i)."""
-    steps = range(curves.shape[1]) if steps is None else steps
+    (default: i); when column 0 is 0 steps, each later row has its paired ``gain_ci95``."""
+    steps = list(range(curves.shape[1]) if steps is None else steps)
     if len(steps) != curves.shape[1]:
         raise ValueError(f"{len(steps)} step labels for {curves.shape[1]} columns")
     return [
-        EvalRow(method, shots, step, *mean_ci95(curves[:, i]), curves.shape[0], split, ways)
+        EvalRow(method, shots, step, *mean_ci95(curves[:, i]), curves.shape[0], split, ways,
+                mean_ci95(curves[:, i] - curves[:, 0])[1] if i > 0 and steps[0] == 0 else None)
         for i, step in enumerate(steps)
     ]

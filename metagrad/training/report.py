@@ -123,6 +123,25 @@ def format_table(rows: list[EvalRow], metric: str, steps_shown: tuple[int, ...] 
     return "\n".join(lines)
 
 
+def format_gains(rows: list[EvalRow], metric: str) -> str:
+    """One line per method: its change since 0 steps after its first and last numbers of steps,
+    ± the paired 95% interval over tasks (:attr:`EvalRow.gain_ci95`); empty without such rows."""
+    zero = {(r.method, r.shots): r.mean for r in rows if r.steps == 0}
+    scale = 100 if metric == "accuracy" else 1
+    lines = []
+    for method, shots in dict.fromkeys((r.method, r.shots) for r in rows):
+        later = sorted((r for r in rows if r.method == method and r.shots == shots
+                        and r.gain_ci95 is not None), key=lambda r: r.steps)
+        if later:
+            lines.append(f"{method:<12}{shots:>6}  " + "  ".join(
+                f"{r.steps} step{'s' * (r.steps != 1)}: "
+                f"{(r.mean - zero[method, shots]) * scale:+.3f}±{r.gain_ci95 * scale:.3f}"
+                for r in (later[:1] + later[-1:] if len(later) > 1 else later)))
+    if not lines:
+        return ""
+    return "change since 0 steps (paired 95% CI over the same tasks):\n" + "\n".join(lines)
+
+
 def conditioning_only(rows: list[EvalRow]) -> list[str]:
     """Methods evaluated at 0 steps only (the black box: no gradient steps to take)."""
     steps: dict[str, set[int]] = {}

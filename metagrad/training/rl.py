@@ -31,7 +31,7 @@ from metagrad.training.evaluation import (
     rows_from_curves,
 )
 from metagrad.training.plots import plot_metric_vs_steps
-from metagrad.training.report import format_table
+from metagrad.training.report import format_gains, format_table
 from metagrad.training.rl_plots import plot_navigation_trajectories
 from metagrad.training.run import (
     TEST_SEED_OFFSET,
@@ -243,6 +243,8 @@ def print_rl_eval(run_dir: str | Path, out: str | Path | None = None, **kwargs: 
           f"{data['iteration']}): return (mean ± 95% CI over {rows[0].tasks} test tasks; shots = "
           "rollouts per task and step) after N adaptation steps:")
     print(format_table(rows, "return"))
+    if gains := format_gains(rows, "return"):
+        print(gains)
     print("step sizes (the first inner_steps steps, later steps; the baselines' chosen on "
           "validation tasks): " + ", ".join(f"{name} {a:g}, {b:g}"
                                               for name, (a, b) in data["step_sizes"].items()))

@@ -12,9 +12,14 @@ from metagrad.config import resolve
 from metagrad.errors import ConfigError
 from metagrad.models.mlp import sinusoid_mlp
 from metagrad.tasks.sinusoid import SinusoidTasks
-from metagrad.training.evaluation import FINE_TUNE_SCALES, evaluation_curves, tune_fine_tuning
+from metagrad.training.evaluation import (
+    FINE_TUNE_SCALES,
+    evaluation_curves,
+    rows_from_curves,
+    tune_fine_tuning,
+)
 from metagrad.training.loop import train
-from metagrad.training.report import evaluate_run
+from metagrad.training.report import evaluate_run, format_gains
 
 STEPS = 5
 
@@ -167,3 +172,25 @@ def test_the_scratch_row_does_not_depend_on_what_ran_before(tmp_path):
         results.append({(r.method, r.steps): r.mean for r in rows})
     assert results[0] == results[1]
     assert {m for m, _ in results[0]} == {"maml", "scratch"}
+
+
+def test_gain_intervals_are_paired_over_the_same_tasks():
+    # tasks differ a lot (offsets), adaptation adds about 1 to each: the paired interval of the
+    # change is that of the per-task differences, far narrower than the rows' own intervals
+    g = torch.Generator().manual_seed(0)
+    offsets = 10 * torch.randn(40, 1, generator=g, dtype=torch.float64)
+    curves = offsets + torch.tensor([0.0, 1.0, 1.5]) + 0.3 * torch.randn(40, 3, generator=g)
+    rows = rows_from_curves(curves, "maml", 5, "test")
+    assert rows[0].gain_ci95 is None and "gain_ci95" not in rows[0].to_dict()
+    for i in (1, 2):
+        diff = (curves[:, i] - curves[:, 0]).numpy()
+        assert rows[i].gain_ci95 == pytest.approx(1.96 * diff.std(ddof=1) / len(diff) ** 0.5)
+        assert rows[i].gain_ci95 < rows[i].ci95 / 5
+        assert rows[i].to_dict()["gain_ci95"] == rows[i].gain_ci95
+    text = format_gains(rows, "return")
+    assert f"1 step: +{rows[1].mean - rows[0].mean:.3f}±{rows[1].gain_ci95:.3f}" in text
+    assert f"2 steps: +{rows[2].mean - rows[0].mean:.3f}" in text
+    # columns that do not start at 0 steps have no change to measure
+    assert all(r.gain_ci95 is None for r in rows_from_curves(curves, "m", 5, "test",
+                                                               steps=[1, 2, 3]))
+    assert format_gains(rows[:1], "return") == ""
