@@ -112,9 +112,9 @@ def tune_fine_tuning(learner: MAML, sampler: TaskSampler, num_tasks: int, steps:
 class EvalRow:
     """One row of ``eval.json``. ``gain_ci95``: the half-width of the paired 95% interval of the
     per-task change since 0 steps (this row's metric minus the same task's at 0 steps; its mean
-    is ``mean`` minus the 0-step row's). Tasks differ far more than one task's adaptation changes
-    it, so this interval is much narrower than the two rows' own intervals together, and it is
-    the one that says whether adaptation helped."""
+    is ``mean`` minus the 0-step row's). When tasks differ more than adaptation changes any one
+    of them, this interval is much narrower than the two rows' own intervals together; it is the
+    one that says whether adaptation helped."""
 
     method: str
     shots: int
