@@ -61,6 +61,22 @@ def test_extra_columns_come_from_the_training_record(tmp_path):
     assert "| MAML | 5 | 2.500 ± 0.010 | 0.500 ± 0.010 | 6.4 | [r](results/r/) |" in out
 
 
+def test_a_row_may_read_another_evaluation_of_its_run(tmp_path):
+    make_run(tmp_path)
+    more_tasks = [dict(row, mean=row["mean"] + 1, tasks=2400) for row in ROWS]
+    (tmp_path / "r" / "eval-2400tasks.json").write_text(json.dumps(
+        {"metric": "mse", "checkpoint": "best.safetensors", "iteration": 70000,
+         "results": more_tasks}))
+    table = {"steps": [0, 1], "rows": [*TABLE["rows"],
+                                       dict(TABLE["rows"][0], eval="eval-2400tasks.json")]}
+    out = rt.generate("<!-- results:t -->\n<!-- /results -->\n", {"t": table}, tmp_path)
+    assert "| MAML | 5 | 2.500 ± 0.010 | 0.500 ± 0.010 | [r](results/r/) |" in out
+    assert "| MAML | 5 | 3.500 ± 0.010 | 1.500 ± 0.010 | [r](results/r/) |" in out
+    table["rows"][1]["eval"] = "eval-missing.json"
+    with pytest.raises(rt.ResultsError, match="eval-missing.json is missing"):
+        rt.generate("<!-- results:t -->\n<!-- /results -->\n", {"t": table}, tmp_path)
+
+
 def test_the_readme_tables_match_the_committed_results():
     assert rt.main(["--check"]) == 0
 

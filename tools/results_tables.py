@@ -3,7 +3,9 @@
 ``results/tables.yaml`` declares each table: its rows name a run directory (``results/<run>/``
 holding ``eval.json``, ``config.yaml`` and a ``README.md`` with the command, iterations and wall
 time), the method and shots of the row in ``eval.json``, and the settings the row claims
-(``claims``), which must match the run's ``config.yaml``. A table may add ``extra`` columns, each a
+(``claims``), which must match the run's ``config.yaml``. A row may read another evaluation of
+the same run (``eval``: a JSON file in the run's folder, e.g. one on more test tasks) instead of
+``eval.json``. A table may add ``extra`` columns, each a
 ``{header, key}`` read from the ``training`` record of the row's ``eval.json`` (e.g. the
 benchmark's ms per iteration). The README holds each table between
 ``<!-- results:NAME -->`` and ``<!-- /results -->``.
@@ -33,21 +35,24 @@ class ResultsError(Exception):
     """A result file that is missing, incomplete, or does not support the row claiming it."""
 
 
-def load_run(results: Path, run: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The run's ``eval.json`` and ``config.yaml``, checked for the fields the tables use."""
+def load_run(results: Path, run: str, evaluation_file: str = "eval.json"
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's evaluation (``eval.json`` unless another file of its folder is named) and its
+    ``config.yaml``, checked for the fields the tables use."""
     folder = results / run
-    for name in RUN_FILES:
+    for name in (*RUN_FILES, evaluation_file):
         if not (folder / name).is_file():
             raise ResultsError(f"{folder / name} is missing; every reported run commits "
-                               f"{', '.join(RUN_FILES)}")
-    evaluation = json.loads((folder / "eval.json").read_text())
+                               f"{', '.join(RUN_FILES)} and the evaluation its rows read")
+    evaluation_path = folder / evaluation_file
+    evaluation = json.loads(evaluation_path.read_text())
     for key in ("metric", "checkpoint", "iteration", "results"):
         if key not in evaluation:
-            raise ResultsError(f"{folder / 'eval.json'} has no {key!r}")
+            raise ResultsError(f"{evaluation_path} has no {key!r}")
     for i, row in enumerate(evaluation["results"]):
         missing = [f for f in ROW_FIELDS if f not in row]
         if missing:
-            raise ResultsError(f"{folder / 'eval.json'}: result {i} lacks {', '.join(missing)}")
+            raise ResultsError(f"{evaluation_path}: result {i} lacks {', '.join(missing)}")
     config = yaml.safe_load((folder / "config.yaml").read_text())
     if not isinstance(config, dict):
         raise ResultsError(f"{folder / 'config.yaml'} is not a mapping of settings")
@@ -81,7 +86,7 @@ def render(table: dict[str, Any], results: Path) -> str:
     lines = ["| " + " | ".join(["row", "K", *(f"{s} steps" for s in steps), *extra, "run"])
              + " |", "|" + "---|" * (len(steps) + len(extra) + 3)]
     for spec in table["rows"]:
-        evaluation, config = load_run(results, spec["run"])
+        evaluation, config = load_run(results, spec["run"], spec.get("eval", "eval.json"))
         for key, claimed in spec.get("claims", {}).items():
             if config.get(key) != claimed:
                 raise ResultsError(f"row {spec['label']!r} claims {key}={claimed!r} but "
@@ -90,8 +95,8 @@ def render(table: dict[str, Any], results: Path) -> str:
         rows = {r["steps"]: r for r in evaluation["results"]
                 if r["method"] == spec["method"] and r["shots"] == spec["shots"]}
         if not rows:
-            raise ResultsError(f"results/{spec['run']}/eval.json has no rows of method "
-                               f"{spec['method']!r} with {spec['shots']} shots")
+            raise ResultsError(f"results/{spec['run']}/{spec.get('eval', 'eval.json')} has no "
+                               f"rows of method {spec['method']!r} with {spec['shots']} shots")
         cells = [_cell(rows.get(s), evaluation["metric"]) for s in steps]
         cells += _extra_cells(table, evaluation, spec["run"])
         lines.append("| " + " | ".join([spec["label"], str(spec["shots"]), *cells,
