@@ -4,7 +4,7 @@
 
 * 2-D navigation sampling (20 tasks × 20 rollouts × H = 100) with the policy in the loop;
 * HalfCheetah and Ant sampling with the policy in the loop at the paper's locomotion batch (40
-  tasks × 20 rollouts), the batched ``mujoco.rollout`` on the calling thread against the default
+  tasks × 20 rollouts; the ant with gymnasium's and with the authors' rllab control period), the batched ``mujoco.rollout`` on the calling thread against the default
   rollout threads (interleaved, median), and the share of that time spent in the physics;
 * HalfCheetah stepping: metagrad's batched env without the policy, gymnasium's ``SyncVectorEnv``
   of ``HalfCheetah-v5``, and a Python loop of ``mj_step`` over one ``MjData`` per environment;
@@ -68,42 +68,43 @@ def sampling_rate(env_name: str, horizon: int) -> float:
     return best_rate(TASKS * ROLLOUTS * horizon, sampler(env_name, horizon)[1])
 
 
-def locomotion_sampling(env_name: str, horizon: int, rounds: int) -> None:
+def locomotion_sampling(env_name: str, horizon: int, rounds: int, physics: str) -> None:
     """Prints the sampling rate with the rollout on the calling thread and with the default
     threads (interleaved, median of ``rounds`` after a warm-up each), and the share of the
     calling thread's sampling time spent inside ``mujoco.rollout`` (the physics)."""
-    env, on_caller = sampler(env_name, horizon, LOCOMOTION_TASKS, env_threads=0)
-    physics: list[float] = []
+    env, on_caller = sampler(env_name, horizon, LOCOMOTION_TASKS, env_threads=0,
+                             physics=physics)
+    physics_seconds: list[float] = []
     rollout = env._rollout.rollout
 
     def timed_rollout(*args: object, **kwargs: object) -> object:
         start = time.perf_counter()
         result = rollout(*args, **kwargs)
-        physics.append(time.perf_counter() - start)
+        physics_seconds.append(time.perf_counter() - start)
         return result
 
     env._rollout.rollout = timed_rollout
     variants = {"calling thread": on_caller,
                 f"default env_threads ({default_threads()})":
-                    sampler(env_name, horizon, LOCOMOTION_TASKS)[1]}
+                    sampler(env_name, horizon, LOCOMOTION_TASKS, physics=physics)[1]}
     for run in variants.values():
         run()
     times: dict[str, list[float]] = {label: [] for label in variants}
     shares = []
     for _ in range(rounds):
         for label, run in variants.items():
-            physics.clear()
+            physics_seconds.clear()
             times[label].append(_timed(run))
             if run is on_caller:
-                shares.append(sum(physics) / times[label][-1])
+                shares.append(sum(physics_seconds) / times[label][-1])
     steps = LOCOMOTION_TASKS * ROLLOUTS * horizon
     first = statistics.median(times["calling thread"])
     for label, seconds in times.items():
         median = statistics.median(seconds)
-        print(f"{env_name} + policy, {label}: {steps / median:,.0f} steps/s (median of {rounds}), "
-              f"{first / median:.2f}x the calling thread")
-    print(f"{env_name}: physics (mujoco.rollout) {statistics.median(shares):.0%} of the sampling "
-          "time on the calling thread")
+        print(f"{env_name} ({physics} physics) + policy, {label}: {steps / median:,.0f} steps/s "
+              f"(median of {rounds}), {first / median:.2f}x the calling thread")
+    print(f"{env_name} ({physics} physics): mujoco.rollout {statistics.median(shares):.0%} of "
+          "the sampling time on the calling thread")
 
 
 def cheetah_env_rate(horizon: int) -> float:
@@ -224,8 +225,9 @@ def main() -> None:
           "steps/s")
     h = args.locomotion_horizon
     try:
-        for name in ("HalfCheetahVel", "AntVel"):
-            locomotion_sampling(name, h, args.rounds)
+        for name, physics in (("HalfCheetahVel", "gymnasium"), ("AntVel", "gymnasium"),
+                              ("AntVel", "rllab")):
+            locomotion_sampling(name, h, args.rounds, physics)
         print(f"HalfCheetah mujoco.rollout env alone:    {cheetah_env_rate(h):,.0f} steps/s")
         print(f"HalfCheetah python loop of mj_step:      {mj_step_loop_rate(h):,.0f} steps/s")
         rate = gymnasium_vector_rate(h)
