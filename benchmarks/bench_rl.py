@@ -4,8 +4,9 @@
 
 * 2-D navigation sampling (20 tasks × 20 rollouts × H = 100) with the policy in the loop;
 * HalfCheetah and Ant sampling with the policy in the loop at the paper's locomotion batch (40
-  tasks × 20 rollouts; the ant with gymnasium's and with the authors' rllab control period), the batched ``mujoco.rollout`` on the calling thread against the default
-  rollout threads (interleaved, median), and the share of that time spent in the physics;
+  tasks × 20 rollouts; the ant with gymnasium's and with the authors' rllab control period),
+  the batched ``mujoco.rollout`` on the calling thread against the default rollout threads
+  (interleaved, median), and the share of that time spent in the physics;
 * HalfCheetah stepping: metagrad's batched env without the policy, gymnasium's ``SyncVectorEnv``
   of ``HalfCheetah-v5``, and a Python loop of ``mj_step`` over one ``MjData`` per environment;
 * seconds per meta-iteration on 2-D navigation at paper scale (sampling included), MAML-RL and
