@@ -68,12 +68,12 @@ def _cell(row: dict[str, Any] | None, metric: str) -> str:
     return f"{row['mean'] * scale:.{digits}f} ± {row['ci95'] * scale:.{digits}f}"
 
 
-def _extra_cells(table: dict[str, Any], evaluation: dict[str, Any], run: str) -> list[str]:
+def _extra_cells(table: dict[str, Any], evaluation: dict[str, Any], source: str) -> list[str]:
     training = evaluation.get("training", {})
     cells = []
     for column in table.get("extra", []):
         if column["key"] not in training:
-            raise ResultsError(f"results/{run}/eval.json has no training.{column['key']} "
+            raise ResultsError(f"{source} has no training.{column['key']} "
                                f"(column {column['header']!r})")
         cells.append(f"{training[column['key']]:g}")
     return cells
@@ -86,7 +86,8 @@ def render(table: dict[str, Any], results: Path) -> str:
     lines = ["| " + " | ".join(["row", "K", *(f"{s} steps" for s in steps), *extra, "run"])
              + " |", "|" + "---|" * (len(steps) + len(extra) + 3)]
     for spec in table["rows"]:
-        evaluation, config = load_run(results, spec["run"], spec.get("eval", "eval.json"))
+        evaluation_file = spec.get("eval", "eval.json")
+        evaluation, config = load_run(results, spec["run"], evaluation_file)
         for key, claimed in spec.get("claims", {}).items():
             if config.get(key) != claimed:
                 raise ResultsError(f"row {spec['label']!r} claims {key}={claimed!r} but "
@@ -95,10 +96,10 @@ def render(table: dict[str, Any], results: Path) -> str:
         rows = {r["steps"]: r for r in evaluation["results"]
                 if r["method"] == spec["method"] and r["shots"] == spec["shots"]}
         if not rows:
-            raise ResultsError(f"results/{spec['run']}/{spec.get('eval', 'eval.json')} has no "
+            raise ResultsError(f"results/{spec['run']}/{evaluation_file} has no "
                                f"rows of method {spec['method']!r} with {spec['shots']} shots")
         cells = [_cell(rows.get(s), evaluation["metric"]) for s in steps]
-        cells += _extra_cells(table, evaluation, spec["run"])
+        cells += _extra_cells(table, evaluation, f"results/{spec['run']}/{evaluation_file}")
         lines.append("| " + " | ".join([spec["label"], str(spec["shots"]), *cells,
                                          f"[{spec['run']}](results/{spec['run']}/)"]) + " |")
     return "\n".join(lines)
