@@ -86,7 +86,8 @@ def _common_train_flags(train: argparse.ArgumentParser) -> None:
     train.add_argument("--config", help="YAML file of settings (flags win)")
     train.add_argument("--out", help="run directory (default: runs/TASK-ALGO-TIME)")
     train.add_argument("--resume", action="store_true",
-                       help="continue the run in --out (only --iterations and --threads change)")
+                       help="continue the run in --out (only --iterations, --minutes and "
+                       "--threads change)")
     train.add_argument("--print-config", action="store_true",
                        help="print the resolved settings as YAML and exit")
     train.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
@@ -221,10 +222,10 @@ def _train(args: argparse.Namespace, command: str) -> None:
             raise ConfigError("--resume needs --out RUN_DIR, the run to continue")
         if args.preset:
             raise ConfigError("a resumed run keeps its settings: remove --preset")
-        unused = sorted(set(values) - {"iterations", "threads"})
+        unused = sorted(set(values) - {"iterations", "minutes", "threads"})
         if unused:
-            raise ConfigError("a resumed run keeps its settings; only --iterations and "
-                              f"--threads may change (remove {', '.join(unused)})")
+            raise ConfigError("a resumed run keeps its settings; only --iterations, --minutes "
+                              f"and --threads may change (remove {', '.join(unused)})")
         changes = {k: settings.coerce_field(settings.RunSettings, k, v)
                    for k, v in values.items()}
         run = train(None, args.out, resume=True, progress=True,

@@ -45,6 +45,10 @@ class RunSettings:
     """The run settings every training has, supervised or meta-RL."""
 
     iterations: int = setting(70000, "meta-iterations to train", min=1, group="run")
+    minutes: float | None = setting(
+        None, "also stop when training has taken this many minutes (validation and checkpoints "
+        "included; none: no time limit); a cosine schedule then anneals over whichever ends "
+        "first, the iterations or the minutes", above=0, group="run")
     seed: int = setting(0, "seed of initial weights, task sampling and everything random",
                         min=0, group="run")
     device: Device = setting("auto", "auto, cpu, cuda or cuda:N (under torchrun: the local "

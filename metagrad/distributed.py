@@ -160,6 +160,15 @@ class Distributed:
         _collective(dist.all_reduce, low, op=dist.ReduceOp.MIN)
         return bool(torch.equal(high, low))
 
+    def maximum(self, value: float) -> float:
+        """The largest ``value`` of all ranks, on every rank (e.g. a time measured by each, so
+        that all decide alike on it)."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        _collective(dist.all_reduce, t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
     def any(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any (so that all ranks stop together)."""
         if self.world_size == 1:

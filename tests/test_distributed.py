@@ -134,3 +134,19 @@ def test_two_processes_train_rl_in_step(tmp_path):
     assert state["iteration"] == 3
     lines = (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3
+
+
+def test_two_processes_stop_together_at_a_time_limit(tmp_path):
+    """With ``--minutes`` each process measures its own time; they agree on the largest, so
+    both schedule the same cosine β (else their parameters would part, which the checkpoint
+    after every iteration refuses) and stop after the same iteration, validated and saved."""
+    args = ["train", "sinusoid", "--iterations", "1000000", "--minutes", "0.03",
+            "--meta-lr-schedule", "cosine", "--meta-batch", str(TASKS), "--val-every", "1000",
+            "--checkpoint-every", "1", "--no-eval", "--no-progress", "--threads", "1",
+            "--baseline", "false", "--out", str(tmp_path / "run")]
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "metagrad.cli", *args], tmp_path)
+    state = ckpt.load(ckpt.CheckpointDir(tmp_path / "run" / "checkpoints").latest())
+    assert 0 < state["iteration"] < 1_000_000 and state["seconds"] >= 0.03 * 60
+    last = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1]
+    assert f'"iteration": {state["iteration"]},' in last and '"val/mse"' in last

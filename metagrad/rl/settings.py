@@ -70,6 +70,9 @@ class RLConfig:
         "on this scale) or −‖x − g‖² (the paper's text).")
     # run (metagrad.training.rl)
     iterations: int = setting(500, "Meta-iterations (paper: up to 500).", min=1)
+    minutes: float | None = setting(
+        None, "Also stop when training has taken this many minutes (validation and checkpoints "
+        "included; None: no time limit); the last iteration is validated and saved.", above=0)
     eval_tasks: int = setting(40, "Held-out tasks at evaluation.", min=1)
     eval_rollouts: int = setting(40, "Episodes per test task and adaptation step at evaluation.",
         min=1)

@@ -53,11 +53,13 @@ def make_job(config: Config, directory: RunDirectory, dist: Distributed,
 
 
 def train(config: Config | None, run_dir: str | Path, resume: bool = False,
-          progress: bool = True, iterations: int | None = None, threads: int | None = None,
-          log_interval: float | None = None, command: str | None = None) -> Run:
+          progress: bool = True, iterations: int | None = None, minutes: float | None = None,
+          threads: int | None = None, log_interval: float | None = None,
+          command: str | None = None) -> Run:
     """Trains ``config`` in ``run_dir``; or, with ``resume``, continues the run saved there with
-    the settings it started with (``iterations`` may extend it, ``threads`` change). A resumed
-    run continues bit-identically to one never interrupted. A new run whose ``init_from`` names
+    the settings it started with (``iterations`` and ``minutes`` may extend it, ``threads``
+    change). A resumed run continues bit-identically to one never interrupted (unless it has a
+    time limit: see :meth:`Run.train`). A new run whose ``init_from`` names
     a checkpoint (or a run directory) starts its learners' weights from it. ``progress``: a bar
     on a terminal, else a plain line every ``log_interval`` seconds (default 10). ``command``
     (e.g. the command line) is recorded with the start or resume in ``history.jsonl``."""
@@ -67,10 +69,12 @@ def train(config: Config | None, run_dir: str | Path, resume: bool = False,
         latest = directory.checkpoints.latest_state()
         if latest is not None and isinstance(latest.get("config"), dict):
             # the length the run had when it stopped (it may have been extended before)
-            stored = dataclasses.replace(stored, iterations=int(latest["config"]["iterations"]))
-        changes = {k: v for k, v in (("iterations", iterations), ("threads", threads))
-                   if v is not None}
+            stored = dataclasses.replace(stored, iterations=int(latest["config"]["iterations"]),
+                                         minutes=latest["config"].get("minutes"))
+        changes = {k: v for k, v in (("iterations", iterations), ("minutes", minutes),
+                                     ("threads", threads)) if v is not None}
         previous = stored.iterations
+        previous_minutes = stored.minutes
         config = dataclasses.replace(stored, **changes)
         config = config.validate() if isinstance(config, ExperimentConfig) else config
     elif config is None:
@@ -118,12 +122,17 @@ def train(config: Config | None, run_dir: str | Path, resume: bool = False,
                 directory.record_history("resume", iteration=run.iteration,
                                          iterations=config.iterations,
                                          **({"extended_from": previous}
-                                            if config.iterations != previous else {}), **said)
+                                            if config.iterations != previous else {}),
+                                         **({"minutes": config.minutes,
+                                             "minutes_before": previous_minutes}
+                                            if config.minutes != previous_minutes else {}),
+                                         **said)
             else:
                 directory.write_config(config.to_dict())
                 for name, record in job.artifacts.items():
                     (directory.path / name).write_text(json.dumps(record))
                 directory.record_history("start", iterations=config.iterations, **(
+                    {"minutes": config.minutes} if config.minutes is not None else {}), **(
                     {"init_from": str(start[0]), "init_iteration": start[1].get("iteration")}
                     if start is not None else {}), **said)
         run.train(progress=progress, interval=log_interval)

@@ -119,7 +119,9 @@ class RLJob:
         self.validation_key = f"{next(iter(self.learners))}/val_return"
         self.artifacts: dict[str, Any] = {}
 
-    def step(self, iteration: int) -> dict[str, float]:
+    def step(self, iteration: int, progress: float) -> dict[str, float]:
+        """One meta-step of every learner (TRPO and RL² follow no schedule: ``progress`` is
+        not read)."""
         first, *_ = self.learners.values()
         tasks = first.sample_tasks()
         record = {}

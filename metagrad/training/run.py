@@ -139,8 +139,9 @@ class Job(Protocol):
     artifacts: dict[str, Any]
     """JSON-able records saved in the run directory when the run starts (e.g. a data split)."""
 
-    def step(self, iteration: int) -> dict[str, float]:
-        """Meta-iteration ``iteration`` (1-based); its metrics. Raises
+    def step(self, iteration: int, progress: float) -> dict[str, float]:
+        """Meta-iteration ``iteration`` (1-based); its metrics. ``progress`` in [0, 1]: the
+        share of the run done before it (:meth:`Run.progress`), what a schedule follows. Raises
         :class:`~metagrad.errors.TrainingDivergedError` (via :func:`diverged`) on non-finite
         values."""
         ...
@@ -337,9 +338,34 @@ class Run:
         if self.main:
             self.directory.checkpoints.save(self.state(), self.iteration, best=best)
 
+    @property
+    def budget(self) -> float | None:
+        """The training time allowed, in seconds (``settings.minutes``); ``None``: no limit."""
+        minutes = self.job.settings.minutes
+        return None if minutes is None else minutes * 60
+
+    def progress(self) -> float:
+        """The share of the run done: iterations done over ``settings.iterations`` or, with a
+        time limit, the training time spent over it when that is larger (capped at 1)."""
+        done = self.iteration / self.job.settings.iterations
+        budget = self.budget
+        return done if budget is None else max(done, min(1.0, self.seconds / budget))
+
+    def finished(self) -> bool:
+        """All iterations done, or the time limit reached."""
+        budget = self.budget
+        return self.iteration >= self.job.settings.iterations or (
+            budget is not None and self.seconds >= budget)
+
     def train(self, progress: bool = True, interval: float | None = None) -> None:
-        """Iterates until ``settings.iterations`` or a signal; the main process then draws
-        ``training_curve.png``."""
+        """Iterates until ``settings.iterations``, the time limit ``settings.minutes`` or a
+        signal; the last iteration is validated and saved. The main process then draws
+        ``training_curve.png``.
+
+        With a time limit the processes agree on the time spent (the largest any of them
+        measured), so that they stop after the same iteration and schedule alike; the run's
+        course then depends on measured times, and a resumed run continues from the training
+        time its checkpoint recorded, not bit-identically to an uninterrupted one."""
         s = self.job.settings
         bar = Progress(s.iterations, self.iteration, self.job.description,
                        progress and self.main, interval)
@@ -347,11 +373,13 @@ class Run:
         started = time.perf_counter() - self.seconds
         try:
             with stop_on_signals(self):
-                while self.iteration < s.iterations:
-                    record = self.job.step(self.iteration + 1)
+                while not self.finished():
+                    record = self.job.step(self.iteration + 1, self.progress())
                     self.iteration += 1
                     self.seconds = time.perf_counter() - started
-                    last = self.iteration == s.iterations
+                    if self.budget is not None:
+                        self.seconds = self.job.dist.maximum(self.seconds)
+                    last = self.finished()
                     validated = self.iteration % s.val_every == 0 or last
                     best = False
                     if validated and self.main:

@@ -20,12 +20,12 @@ from metagrad.training.experiment import Experiment
 from metagrad.training.run import VAL_SEED_OFFSET, RunDirectory, diverged, initialise_learners
 
 
-def cosine_lr(iteration: int, iterations: int, initial: float, final: float) -> float:
+def cosine_lr(progress: float, initial: float, final: float) -> float:
     """The cosine annealing of MAML++ (Antoniou et al. 2019, §4; Loshchilov & Hutter 2017) in
-    closed form: the rate of 0-based iteration t of T, from ``initial`` down to ``final``. A
-    resumed run extended to a new T follows the schedule of the new length from there on."""
-    return final + (initial - final) * (1 + math.cos(math.pi * min(iteration, iterations)
-                                                     / iterations)) / 2
+    closed form: the rate at ``progress`` p in [0, 1] of the run (t/T before 0-based iteration
+    t of T, or the share of a time limit spent), from ``initial`` down to ``final``. A resumed
+    run extended to a new length follows the schedule of the new length from there on."""
+    return final + (initial - final) * (1 + math.cos(math.pi * min(progress, 1.0))) / 2
 
 
 class SupervisedJob:
@@ -52,16 +52,16 @@ class SupervisedJob:
             for learner in self.learners.values():
                 learner.loss_scale = self.scaler.scale
 
-    def _set_meta_lr(self, iteration: int) -> None:
+    def _set_meta_lr(self, progress: float) -> None:
         cfg = self.settings
         if cfg.meta_lr_schedule != "cosine":
             return
-        lr = cosine_lr(iteration - 1, cfg.iterations, cfg.meta_lr, cfg.min_meta_lr)
+        lr = cosine_lr(progress, cfg.meta_lr, cfg.min_meta_lr)
         for opt in self.optimizers.values():
             for group in opt.param_groups:
                 group["lr"] = lr
 
-    def step(self, iteration: int) -> dict[str, float]:
+    def step(self, iteration: int, progress: float) -> dict[str, float]:
         cfg = self.settings
         batch = self.exp.setup.train.sample(cfg.meta_batch, self.generator).to(self.exp.device)
         mine = self.dist.shard(batch)
@@ -76,7 +76,7 @@ class SupervisedJob:
                 raise diverged(f"the {name} loss became {value}", iteration,
                                self.directory.checkpoints.directory,
                                "Lower meta_lr or inner_lr.")
-        self._set_meta_lr(iteration)
+        self._set_meta_lr(progress)
         for opt in self.optimizers.values():
             self.scaler.step(opt)
         self.scaler.update()

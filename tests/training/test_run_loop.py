@@ -1,6 +1,7 @@
 """The one run loop (metagrad.training.run) under what users and operating systems do to it:
 concurrent trainings, kills at random moments, resume and extension, devices."""
 
+import itertools
 import json
 import os
 import random
@@ -15,6 +16,7 @@ import torch
 
 from metagrad.cli import main
 from metagrad.config import resolve
+from metagrad.errors import ConfigError
 from metagrad.training import checkpoint as ckpt
 from metagrad.training.loop import train
 from metagrad.training.supervised import cosine_lr
@@ -112,12 +114,45 @@ def test_extending_a_cosine_run_follows_the_schedule_of_the_new_length(tmp_path)
     extended = {r["iteration"]: r["meta_lr"] for r in records(tmp_path / "extended")}
     for t in range(11, 31):
         assert extended[t] == pytest.approx(straight[t], rel=1e-12), t
-    assert straight[30] == pytest.approx(cosine_lr(29, 30, 1e-3, 1e-5))
+    assert straight[30] == pytest.approx(cosine_lr(29 / 30, 1e-3, 1e-5))
     assert extended[30] < extended[10]  # still annealing, never back up
     history = (tmp_path / "extended" / "history.jsonl").read_text()
     assert '"extended_from": 10' in history
     # the original configuration is kept; the extension is in the history and checkpoints
     assert "iterations: 10\n" in (tmp_path / "extended" / "config.yaml").read_text()
+
+
+def test_a_time_limit_ends_the_run_validated_and_the_cosine_follows_the_time(tmp_path):
+    """``minutes``: the run stops once its training time reaches the limit, long before its
+    iterations, with that last iteration validated and saved; a cosine β anneals over the
+    share of the time spent: each iteration's rate is cosine(seconds so far / limit)."""
+    limit = 0.05
+    run = train(small(iterations=10**6, minutes=limit, meta_lr_schedule="cosine", meta_lr=1e-3,
+                      min_meta_lr=1e-5), tmp_path / "run", progress=False)
+    assert 0 < run.iteration < 10**6 and run.seconds >= limit * 60
+    lines = records(tmp_path / "run")
+    assert lines[-1]["iteration"] == run.iteration and "val/mse" in lines[-1]
+    state = ckpt.load(ckpt.CheckpointDir(tmp_path / "run" / "checkpoints").latest())
+    assert state["iteration"] == run.iteration
+    for before, now in itertools.pairwise(lines):  # seconds are logged to the millisecond
+        expected = cosine_lr(before["seconds"] / (limit * 60), 1e-3, 1e-5)
+        assert now["meta_lr"] == pytest.approx(expected, abs=2e-6), now["iteration"]
+    assert lines[-1]["meta_lr"] < 5e-5 and lines[0]["meta_lr"] > 9.9e-4
+    with pytest.raises(ConfigError, match="minutes"):
+        small(minutes=0)
+
+
+def test_a_time_limited_run_resumes_with_a_longer_limit(tmp_path):
+    first = train(small(iterations=10**6, minutes=0.01), tmp_path / "run", progress=False)
+    longer = train(None, tmp_path / "run", resume=True, minutes=0.03, progress=False)
+    assert longer.iteration > first.iteration and longer.seconds >= 0.03 * 60
+    history = [json.loads(line) for line in
+               (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert history[0]["minutes"] == 0.01
+    assert history[1]["minutes"] == 0.03 and history[1]["minutes_before"] == 0.01
+    # the limit is kept: resumed again without a new one, the spent run trains no further
+    again = train(None, tmp_path / "run", resume=True, progress=False)
+    assert again.iteration == longer.iteration
 
 
 def test_resuming_twice_keeps_the_extended_length(tmp_path):
