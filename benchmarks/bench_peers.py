@@ -258,6 +258,12 @@ def candidates_for(name: str, arch: str, args, available_peers) -> dict[str, tup
             c["metagrad compiled task loss (loop)"] = (compiled_task_loop, False)
             c["metagrad compiled task loss (loop) + plain-ops BN"] = (
                 lambda m, *a: with_plain_bn(m, compiled_task_loop(m, *a)), False)
+            c["metagrad compiled meta_loss (vmap) + plain-ops BN"] = (
+                lambda m, *a: with_plain_bn(m, compiled_meta_loss(m, *a, batching="vmap")),
+                False)
+            c["metagrad compiled grad_and_value (vmap) + plain-ops BN"] = (
+                lambda m, *a: with_plain_bn(m, compiled_functional_grad(
+                    m, *a, batching="vmap")), False)
     return c
 
 
