@@ -1,8 +1,9 @@
 """Typed settings and the one parser that reads them, for supervised and meta-RL runs alike.
 
 A run's configuration is a dataclass of shared fields (:class:`ExperimentConfig` for supervised
-meta-learning, :class:`~metagrad.rl.settings.RLConfig` for meta-RL, both sharing
-:class:`RunSettings`) plus, for supervised runs, the chosen task's ``Options`` and the chosen
+meta-learning, a :class:`RunSettings`; :class:`~metagrad.rl.settings.RLConfig` for meta-RL, a
+frozen dataclass that declares every field of :class:`RunSettings` with its own defaults) plus,
+for supervised runs, the chosen task's ``Options`` and the chosen
 algorithm's ``Options`` (dataclasses declared in their own files). Values come from, in order:
 defaults < task preset < config file < command-line flags. Every field documents itself
 (``metadata["help"]``), which is what ``--help`` prints, and states its range (``min``, ``max``),

@@ -133,3 +133,10 @@ def test_keep_checkpoints_is_obeyed(tmp_path):
     train(cfg, tmp_path / "run", progress=False)
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("ckpt-*"))
     assert kept == ["ckpt-0000005.safetensors", "ckpt-0000006.safetensors"]
+
+
+def test_meta_rl_settings_declare_every_run_setting():
+    """The run loop reads the same settings of supervised and meta-RL runs; RLConfig (frozen, so
+    it cannot inherit RunSettings) must declare each of them."""
+    shared = {f.name for f in dataclasses.fields(RunSettings)}
+    assert shared - {f.name for f in dataclasses.fields(RLConfig)} == set()
