@@ -159,8 +159,8 @@ def test_omniglot_presets():
         5, 0.4, 20, 5)
     assert "queries" not in paper and "queries" not in twenty  # queries follow shots
     fast = resolve("omniglot", "fast")
-    assert (fast.ways, fast.first_order, fast.meta_lr_schedule, fast.eval_queries,
-            fast.eval_steps) == (5, True, "cosine", 15, 3)  # the paper's test protocol
+    assert (fast.ways, fast.first_order, fast.meta_lr_schedule, fast.minutes, fast.eval_queries,
+            fast.eval_steps) == (5, False, "cosine", 20.0, 15, 3)  # the paper's test protocol
 
 
 @pytest.mark.skipif(OMNIGLOT is None, reason="Omniglot zips not found: set METAGRAD_DATA or "
