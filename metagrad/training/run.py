@@ -222,11 +222,14 @@ def stop_on_signals(run: Run) -> Iterator[None]:
 
 class Progress:
     """A tqdm bar on a terminal; elsewhere one plain line (iteration, metrics, it/s, ETA) every
-    ``interval`` seconds; nothing when disabled."""
+    ``interval`` seconds; nothing when disabled. ``time_left`` (a time limit): the seconds it
+    leaves, which caps the ETA, and the bar's total becomes the iterations expected in them."""
 
     def __init__(self, total: int, initial: int, description: str, enabled: bool,
-                 interval: float | None = None) -> None:
+                 interval: float | None = None,
+                 time_left: Callable[[], float] | None = None) -> None:
         self.total, self.count = total, initial
+        self.time_left = time_left
         self.description = description
         self.started, self.start_count = time.perf_counter(), initial
         self.bar = None
@@ -244,6 +247,9 @@ class Progress:
         shown = {k: v for k, v in metrics.items() if not k.endswith("seconds")}
         self.postfix.update(shown)
         if self.bar is not None:
+            if self.time_left is not None:
+                self.bar.total = min(self.total, self.count + int(
+                    self._rate(time.perf_counter()) * max(self.time_left(), 0.0)) + 1)
             self.bar.update(1)
             if shown:
                 self.bar.set_postfix({k.split("/")[-1] if k.startswith(("loss/", "val/"))
@@ -252,11 +258,17 @@ class Progress:
         now = time.perf_counter()
         if self.enabled and (now - self.last_line >= self.interval or self.count == self.total):
             self.last_line = now
-            rate = (self.count - self.start_count) / max(now - self.started, 1e-9)
+            rate = self._rate(now)
             eta = (self.total - self.count) / rate if rate > 0 else math.inf
+            if self.time_left is not None:
+                eta = min(eta, max(self.time_left(), 0.0))
             values = "  ".join(f"{k} {_readable(k, v)}" for k, v in self.postfix.items())
             print(f"{self.description} {self.count}/{self.total}  {values}  {rate:.2f} it/s  "
                   f"ETA {_duration(eta)}", flush=True)
+
+    def _rate(self, now: float) -> float:
+        """Iterations per second since this bar started."""
+        return (self.count - self.start_count) / max(now - self.started, 1e-9)
 
     def write(self, text: str) -> None:
         if self.bar is not None:
@@ -367,10 +379,12 @@ class Run:
         course then depends on measured times, and a resumed run continues from the training
         time its checkpoint recorded, not bit-identically to an uninterrupted one."""
         s = self.job.settings
-        bar = Progress(s.iterations, self.iteration, self.job.description,
-                       progress and self.main, interval)
-        loggers = open_loggers(self.directory.path, s.log, self.iteration) if self.main else []
         started = time.perf_counter() - self.seconds
+        budget = self.budget
+        bar = Progress(s.iterations, self.iteration, self.job.description,
+                       progress and self.main, interval,
+                       None if budget is None else lambda: budget - (time.perf_counter() - started))
+        loggers = open_loggers(self.directory.path, s.log, self.iteration) if self.main else []
         try:
             with stop_on_signals(self):
                 while not self.finished():

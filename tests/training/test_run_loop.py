@@ -19,6 +19,7 @@ from metagrad.config import resolve
 from metagrad.errors import ConfigError
 from metagrad.training import checkpoint as ckpt
 from metagrad.training.loop import train
+from metagrad.training.run import Progress
 from metagrad.training.supervised import cosine_lr
 
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
@@ -215,3 +216,15 @@ def test_a_run_that_fails_to_start_leaves_no_directory_behind(tmp_path, capsys):
     assert main(["train", "rl", "--env", "no_such_module:make", "--iterations", "1",
                  "--no-eval", "--out", str(mine)]) == 2
     assert mine.is_dir()
+
+
+def test_the_eta_of_a_time_limited_run_is_the_time_it_has_left(capsys):
+    """Plain log lines: 10¹² iterations at any plausible rate would take far longer than the 65
+    seconds a time limit leaves; the ETA says 1:05."""
+    progress = Progress(10**12, 0, "task/algo", enabled=True, interval=0.0,
+                        time_left=lambda: 65.0)
+    progress.update({"loss/maml": 0.5})
+    assert "ETA 1:05" in capsys.readouterr().out
+    unlimited = Progress(10**12, 0, "task/algo", enabled=True, interval=0.0)
+    unlimited.update({"loss/maml": 0.5})
+    assert "ETA 1:05" not in capsys.readouterr().out
