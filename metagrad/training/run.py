@@ -141,9 +141,9 @@ class Job(Protocol):
 
     def step(self, iteration: int, progress: float) -> dict[str, float]:
         """Meta-iteration ``iteration`` (1-based); its metrics. ``progress`` in [0, 1]: the
-        share of the run done before it (:meth:`Run.progress`), what a schedule follows. Raises
-        :class:`~metagrad.errors.TrainingDivergedError` (via :func:`diverged`) on non-finite
-        values."""
+        share of the run done before it (:meth:`Run.fraction_done`), what a schedule follows.
+        Raises :class:`~metagrad.errors.TrainingDivergedError` (via :func:`diverged`) on
+        non-finite values."""
         ...
 
     def validate(self) -> float:
@@ -356,7 +356,7 @@ class Run:
         minutes = self.job.settings.minutes
         return None if minutes is None else minutes * 60
 
-    def progress(self) -> float:
+    def fraction_done(self) -> float:
         """The share of the run done: iterations done over ``settings.iterations`` or, with a
         time limit, the training time spent over it when that is larger (capped at 1)."""
         done = self.iteration / self.job.settings.iterations
@@ -388,7 +388,7 @@ class Run:
         try:
             with stop_on_signals(self):
                 while not self.finished():
-                    record = self.job.step(self.iteration + 1, self.progress())
+                    record = self.job.step(self.iteration + 1, self.fraction_done())
                     self.iteration += 1
                     self.seconds = time.perf_counter() - started
                     if self.budget is not None:
