@@ -13,7 +13,9 @@ N processes under torchrun) that receives SIGINT when the budget is over (each t
 does); the run loop then finishes its current iteration (and its validation, if due), writes a
 checkpoint and stops. Everything from the subprocess's start to its exit counts (data loading,
 validation, checkpoints), and so does any overrun of the last iteration: ``minutes`` is the
-measured time, not the budget.
+measured time, not the budget. A recipe with its own time limit (the ``minutes`` setting, e.g.
+``omniglot:fast``) stops itself after a validated last iteration; give it a budget a little
+longer than its limit (start-up is not part of the limit).
 
 Evaluation (:func:`metagrad.training.report.evaluate_run`, not timed): the ``best`` checkpoint
 (highest validation value) on ``--tasks`` test tasks (default 600) after the recipe's
