@@ -391,7 +391,7 @@ class Run:
                     record = self.job.step(self.iteration + 1, self.fraction_done())
                     self.iteration += 1
                     self.seconds = time.perf_counter() - started
-                    if self.budget is not None:
+                    if budget is not None:
                         self.seconds = self.job.dist.maximum(self.seconds)
                     last = self.finished()
                     validated = self.iteration % s.val_every == 0 or last
