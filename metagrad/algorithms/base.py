@@ -56,6 +56,9 @@ class Capabilities:
     """Accepts a ``precision`` other than ``"fp32"`` (its forward passes are
     :meth:`~metagrad.algorithms.maml.MAML.functional_forward`, which runs them under
     autocast)."""
+    memory_format: bool = True
+    """Accepts a ``memory_format`` other than ``"auto"`` (its forward passes are
+    :meth:`~metagrad.algorithms.maml.MAML.functional_forward`, which lays out their inputs)."""
 
     def refused(self, settings: LearnerSettings) -> list[str]:
         """The shared settings that differ from their defaults but that this algorithm cannot
@@ -63,7 +66,7 @@ class Capabilities:
         default = LearnerSettings()
         return [name for name in ("first_order", "learn_inner_lr", "compile",
                                   "checkpoint_inner_steps", "batching", "transductive",
-                                  "precision")
+                                  "precision", "memory_format")
                 if not getattr(self, name) and getattr(settings, name) != getattr(default, name)]
 
     def check(self, settings: LearnerSettings, algorithm: str) -> None:
@@ -93,6 +96,7 @@ _CAPABILITY_HELP = {
     "batching": "it has no per-task inner loop to batch",
     "transductive": "it has no inner-loop BatchNorm policy",
     "precision": "its forward passes do not run under the mixed-precision policy",
+    "memory_format": "its forward passes do not follow the memory-layout policy",
 }
 
 
@@ -110,6 +114,8 @@ class LearnerSettings:
     checkpoint_inner_steps: bool = False
     precision: str = "fp32"
     """``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA): :mod:`metagrad.core.precision`."""
+    memory_format: str = "auto"
+    """``"auto"``, ``"channels_last"`` or ``"contiguous"``: :mod:`metagrad.core.layout`."""
     classes: int | None = None
     """Classes per task (classification), ``None`` for regression."""
     device: torch.device | str = "cpu"

@@ -46,6 +46,7 @@ from metagrad.core.functional import (
     select_names,
 )
 from metagrad.core.inner_loop import LearningRate, inner_loop
+from metagrad.core.layout import MemoryFormat, layout_policy
 from metagrad.core.per_step_norm import per_step_norms
 from metagrad.core.precision import Precision, as_float32, check_precision
 from metagrad.core.rates import InnerLearningRates
@@ -105,6 +106,13 @@ class MAML(nn.Module):
             backward through them, while the inner loop (support losses, inner gradients and,
             in second order, their derivatives) stays float32. Parameters, learned rates,
             BatchNorm running statistics and every loss stay float32. Not with ``compile``.
+        memory_format: ``"auto"`` (default), ``"channels_last"`` or ``"contiguous"``: whether
+            image inputs are fed to the model channels-last (NHWC), the layout oneDNN's CPU
+            convolutions run fastest on (:mod:`metagrad.core.layout`). Every forward of looped
+            tasks is converted except second-order support forwards (the inner gradients),
+            which are faster contiguous; the values are the same, up to float32 rounding in
+            other kernels. ``"auto"``: on CPU, for models that have a 2-d convolution and are
+            built from layers known to be layout-agnostic.
 
     Loss scaling (``"fp16"``): the trainer sets :attr:`loss_scale` to a function applied to each
     loss before :meth:`meta_gradient` back-propagates it, typically ``GradScaler.scale``; then
@@ -128,7 +136,7 @@ class MAML(nn.Module):
                  adapt: ParamSelector = None, transductive: bool = True,
                  batching: Batching = "auto", inner_rates: nn.Module | None = None,
                  compile: bool = False, checkpoint_inner_steps: bool = False,
-                 precision: Precision = "fp32") -> None:
+                 precision: Precision = "fp32", memory_format: MemoryFormat = "auto") -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -156,6 +164,9 @@ class MAML(nn.Module):
         if compile and precision != "fp32":
             raise ConfigError(f"compile=True runs in float32 only; remove compile or use "
                               f"precision='fp32' (got precision={precision!r})")
+        self.memory_format = memory_format
+        self.layout = layout_policy(memory_format, model)
+        """Which forward inputs become channels-last (from ``memory_format``)."""
         self.loss_scale: Callable[[Tensor], Tensor] | None = None
         """Applied to each loss before :meth:`meta_gradient` back-propagates it (``None``: none);
         e.g. ``torch.amp.GradScaler.scale`` for ``precision="fp16"``."""
@@ -207,7 +218,7 @@ class MAML(nn.Module):
                                          transductive=settings.transductive,
                                          batching=settings.batching)
         for name in ("first_order", "learn_inner_lr", "compile", "checkpoint_inner_steps",
-                     "precision"):
+                     "precision", "memory_format"):
             if getattr(cls.capabilities, name):
                 arguments[name] = getattr(settings, name)
         return cls(model, loss_fn, **arguments, **cls.option_arguments(options)).to(
@@ -229,12 +240,15 @@ class MAML(nn.Module):
     def functional_forward(self, params: Params, x: Inputs,
                            buffers: dict[str, Tensor] | None = None, *,
                            batch_statistics: bool | None = None,
-                           step: int | None = None, support: bool = False) -> Tensor:
+                           step: int | None = None, support: bool = False,
+                           differentiated_twice: bool = False) -> Tensor:
         """The model's output on ``x`` with parameters ``params`` (e.g. from :meth:`adapt`):
         ``model(x)``, ``model(*x)`` for a tuple, ``model(**x)`` for a dict.
 
         ``support``: a support forward of the inner loop (else a query forward), which selects
         its precision (:attr:`policy`); a low-precision output is returned as float32.
+        ``differentiated_twice``: the gradient of this forward is differentiated again (a
+        second-order support forward), which keeps its inputs' layout (:attr:`layout`).
 
         ``buffers`` default to copies of the model's, so the model's own are never written.
         ``batch_statistics`` forces BatchNorm to use the batch's statistics (default: the
@@ -245,7 +259,7 @@ class MAML(nn.Module):
         buffers = self.functional.buffers() if buffers is None else buffers
         for norm in self._per_step_norms:
             norm.step = step
-        args, kwargs = call_arguments(x)
+        args, kwargs = call_arguments(self.layout.prepare(x, differentiated_twice))
         batch_norm = batch_norm_uses_batch_statistics(self.model) \
             if (self.transductive if batch_statistics is None else batch_statistics) \
             else contextlib.nullcontext()
@@ -267,10 +281,12 @@ class MAML(nn.Module):
     def loss(self, params: Params, x: Inputs, y: Tensor,
              buffers: dict[str, Tensor] | None = None, *,
              batch_statistics: bool | None = None, step: int | None = None,
-             support: bool = False) -> Tensor:
-        """``loss_fn(model(x; params), y)`` (``support``: as in :meth:`functional_forward`)."""
+             support: bool = False, differentiated_twice: bool = False) -> Tensor:
+        """``loss_fn(model(x; params), y)`` (``support``, ``differentiated_twice``: as in
+        :meth:`functional_forward`)."""
         out = self.functional_forward(params, x, buffers, batch_statistics=batch_statistics,
-                                      step=step, support=support)
+                                      step=step, support=support,
+                                      differentiated_twice=differentiated_twice)
         return self.output_loss(out, y)
 
     def adaptation_defaults(self, support_x: Inputs, support_y: Tensor, steps: int | None,
@@ -301,7 +317,8 @@ class MAML(nn.Module):
         with double_backward_kernels(not first_order):
             return inner_loop(
                 lambda p, step: self.loss(p, support_x, support_y, buffers,
-                                          batch_statistics=True, step=step, support=True),
+                                          batch_statistics=True, step=step, support=True,
+                                          differentiated_twice=not first_order),
                 params, steps=steps, lr=self.learning_rate(), first_order=first_order,
                 adapt=self.adapted_names, trajectory=trajectory,
                 checkpoint=self.checkpoint_inner_steps, step_aware=True,

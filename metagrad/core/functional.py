@@ -23,6 +23,15 @@ Params = dict[str, Tensor]
 ParamSelector = Callable[[str, Tensor], bool] | str | list[str] | tuple[str, ...] | None
 
 
+def functorch_transform_active() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``) is running (read from torch's
+    private state, present in torch 2.13; ``True`` when it cannot be read)."""
+    try:
+        return torch._C._functorch.peek_interpreter_stack() is not None
+    except AttributeError:
+        return True
+
+
 def model_params(model: nn.Module) -> Params:
     """The model's parameters by name; a parameter shared by two layers appears once."""
     return dict(model.named_parameters())

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.func import grad
 
-from metagrad.core.functional import Params
+from metagrad.core.functional import Params, functorch_transform_active
 
 LearningRate = float | Tensor | Mapping[str, float | Tensor] | Callable[[int, str], float | Tensor]
 """α: one number; one value per parameter name (a scalar, or a tensor shaped like the parameter,
@@ -74,12 +74,11 @@ def _autograd_applies(first_order: bool) -> bool:
     active; in second order also grad mode on and no forward-mode AD level. Both are read from
     private torch state (present in the tested torch 2.13); a torch without it gets
     :func:`torch.func.grad`, which is right in every case, only slower."""
+    if functorch_transform_active():
+        return False
     try:
-        transformed = torch._C._functorch.peek_interpreter_stack() is not None
         forward_level = forward_ad._current_level
     except AttributeError:
-        return False
-    if transformed:
         return False
     return first_order or (torch.is_grad_enabled() and forward_level < 0)
 

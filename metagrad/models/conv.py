@@ -31,6 +31,9 @@ class Conv4(nn.Module):
     vmap_exact_forward = True
     """Its own forward only chains its layers with a mean or flatten, which batch exactly
     (:func:`metagrad.core.batching.vmap_is_exact`); its layers are checked one by one."""
+    channels_last_safe = True
+    """The mean and flatten of its forward read any layout
+    (:func:`metagrad.core.layout.channels_last_safe`)."""
 
     def __init__(self, in_channels: int, num_classes: int, hidden: int = 64,
                  pooling: Literal["stride", "max"] = "stride", input_size: int = 28,

@@ -78,7 +78,7 @@ def test_inner_loop_in_bf16_is_what_loses_accuracy():
 
 def test_fp32_is_the_plain_autograd_loop_bit_for_bit(monkeypatch):
     """precision="fp32" (the default) computes exactly what a plain per-task autograd loop does
-    (looped tasks, bit for bit), and never enters autocast."""
+    (looped tasks in the contiguous layout, bit for bit), and never enters autocast."""
     torch.manual_seed(0)
     model = omniglot_conv(5)
     names, params = zip(*model.named_parameters(), strict=True)
@@ -98,12 +98,18 @@ def test_fp32_is_the_plain_autograd_loop_bit_for_bit(monkeypatch):
         raise AssertionError("float32 entered autocast")
 
     monkeypatch.setattr(torch, "autocast", refuse)
-    looped, _, _ = meta_gradient("fp32", batching="loop")
+    looped, _, _ = meta_gradient("fp32", batching="loop", memory_format="contiguous")
     assert torch.equal(looped, reference)
     torch.manual_seed(0)
-    implicit = MAML(omniglot_conv(5), F.cross_entropy, inner_lr=0.4, batching="loop")
+    implicit = MAML(omniglot_conv(5), F.cross_entropy, inner_lr=0.4, batching="loop",
+                    memory_format="contiguous")
     implicit.meta_gradient(omniglot_batch())
     assert torch.equal(torch.cat([p.grad.flatten() for p in implicit.parameters()]), reference)
+    # by default looped query passes run channels-last (metagrad.core.layout): other kernels,
+    # the same gradient up to float32 rounding
+    channels_last, _, _ = meta_gradient("fp32", batching="loop")
+    torch.testing.assert_close(channels_last, reference, rtol=0,
+                               atol=1e-3 * reference.abs().max())
     # tasks this small are vmapped by default: the same gradient up to float32 rounding
     batched, _, _ = meta_gradient("fp32")
     torch.testing.assert_close(batched, reference, rtol=0, atol=1e-3 * reference.abs().max())
