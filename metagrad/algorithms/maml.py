@@ -108,11 +108,11 @@ class MAML(nn.Module):
             BatchNorm running statistics and every loss stay float32. Not with ``compile``.
         memory_format: ``"auto"`` (default), ``"channels_last"`` or ``"contiguous"``: whether
             image inputs are fed to the model channels-last (NHWC), the layout oneDNN's CPU
-            convolutions run fastest on (:mod:`metagrad.core.layout`). Every forward of looped
-            tasks is converted except second-order support forwards (the inner gradients),
-            which are faster contiguous; the values are the same, up to float32 rounding in
-            other kernels. ``"auto"``: on CPU, for models that have a 2-d convolution and are
-            built from layers known to be layout-agnostic.
+            convolutions run fastest on (:mod:`metagrad.core.layout`). The query forwards of
+            looped tasks are converted, the inner loop's support forwards are not; the values
+            are the same, up to float32 rounding in other kernels. ``"auto"``: on CPU, for
+            models that have a 2-d convolution and are built from layers known to be
+            layout-agnostic.
 
     Loss scaling (``"fp16"``): the trainer sets :attr:`loss_scale` to a function applied to each
     loss before :meth:`meta_gradient` back-propagates it, typically ``GradScaler.scale``; then
@@ -240,15 +240,13 @@ class MAML(nn.Module):
     def functional_forward(self, params: Params, x: Inputs,
                            buffers: dict[str, Tensor] | None = None, *,
                            batch_statistics: bool | None = None,
-                           step: int | None = None, support: bool = False,
-                           differentiated_twice: bool = False) -> Tensor:
+                           step: int | None = None, support: bool = False) -> Tensor:
         """The model's output on ``x`` with parameters ``params`` (e.g. from :meth:`adapt`):
         ``model(x)``, ``model(*x)`` for a tuple, ``model(**x)`` for a dict.
 
         ``support``: a support forward of the inner loop (else a query forward), which selects
-        its precision (:attr:`policy`); a low-precision output is returned as float32.
-        ``differentiated_twice``: the gradient of this forward is differentiated again (a
-        second-order support forward), which keeps its inputs' layout (:attr:`layout`).
+        its precision (:attr:`policy`) and its inputs' memory layout (:attr:`layout`); a
+        low-precision output is returned as float32.
 
         ``buffers`` default to copies of the model's, so the model's own are never written.
         ``batch_statistics`` forces BatchNorm to use the batch's statistics (default: the
@@ -259,7 +257,7 @@ class MAML(nn.Module):
         buffers = self.functional.buffers() if buffers is None else buffers
         for norm in self._per_step_norms:
             norm.step = step
-        args, kwargs = call_arguments(self.layout.prepare(x, differentiated_twice))
+        args, kwargs = call_arguments(self.layout.prepare(x, support))
         batch_norm = batch_norm_uses_batch_statistics(self.model) \
             if (self.transductive if batch_statistics is None else batch_statistics) \
             else contextlib.nullcontext()
@@ -281,12 +279,10 @@ class MAML(nn.Module):
     def loss(self, params: Params, x: Inputs, y: Tensor,
              buffers: dict[str, Tensor] | None = None, *,
              batch_statistics: bool | None = None, step: int | None = None,
-             support: bool = False, differentiated_twice: bool = False) -> Tensor:
-        """``loss_fn(model(x; params), y)`` (``support``, ``differentiated_twice``: as in
-        :meth:`functional_forward`)."""
+             support: bool = False) -> Tensor:
+        """``loss_fn(model(x; params), y)`` (``support``: as in :meth:`functional_forward`)."""
         out = self.functional_forward(params, x, buffers, batch_statistics=batch_statistics,
-                                      step=step, support=support,
-                                      differentiated_twice=differentiated_twice)
+                                      step=step, support=support)
         return self.output_loss(out, y)
 
     def adaptation_defaults(self, support_x: Inputs, support_y: Tensor, steps: int | None,
@@ -317,8 +313,7 @@ class MAML(nn.Module):
         with double_backward_kernels(not first_order):
             return inner_loop(
                 lambda p, step: self.loss(p, support_x, support_y, buffers,
-                                          batch_statistics=True, step=step, support=True,
-                                          differentiated_twice=not first_order),
+                                          batch_statistics=True, step=step, support=True),
                 params, steps=steps, lr=self.learning_rate(), first_order=first_order,
                 adapt=self.adapted_names, trajectory=trajectory,
                 checkpoint=self.checkpoint_inner_steps, step_aware=True,

@@ -8,10 +8,15 @@ gradients to and from a blocked layout. A channels-last input makes the first co
 output channels-last, and PyTorch keeps that layout through BatchNorm, ReLU, pooling and the
 following convolutions, so the reorders disappear from the whole network.
 
-What pays is the direction of differentiation (measured in BENCHMARKS.md, "Channels-last
-activations"): a forward and its backward are faster in NHWC, but differentiating the graph of
-a gradient again (the support loss of a second-order inner step) is slower. So a policy
-converts the inputs of every forward pass except those whose gradient is differentiated again.
+A policy converts the inputs of the query forwards (the meta-training loss and evaluation),
+which carry most of the FLOPs, and leaves the inner loop's support forwards as given, for two
+measured reasons (BENCHMARKS.md, "Channels-last activations"):
+
+* speed: a forward and its backward are faster in NHWC, but differentiating the graph of a
+  gradient again (a second-order inner step's support loss) is slower;
+* accuracy: NHWC kernels round differently, and a rounding difference in the inner gradient is
+  amplified by α into θ' and from there into the meta-gradient (in float32 the meta-gradient
+  moved 2.6× further from float64 with NHWC support passes than with NHWC query passes only).
 
 Settings (``memory_format`` of every learner):
 
@@ -88,12 +93,12 @@ class LayoutPolicy:
     channels_last: bool = False
     cpu_only: bool = True
 
-    def prepare(self, x: Inputs, differentiated_twice: bool) -> Inputs:
+    def prepare(self, x: Inputs, support: bool) -> Inputs:
         """``x`` with each 4-d floating-point tensor converted to exact NHWC strides
-        (:func:`exactly_channels_last`), unless the policy is off, the forward's gradient will
-        be differentiated again (``differentiated_twice``: a second-order support forward), or
-        a ``torch.func`` transform is running (tasks batched by ``vmap``)."""
-        if not self.channels_last or differentiated_twice or functorch_transform_active():
+        (:func:`exactly_channels_last`), unless the policy is off, ``x`` is a support set of
+        the inner loop (``support``), or a ``torch.func`` transform is running (tasks batched
+        by ``vmap``)."""
+        if not self.channels_last or support or functorch_transform_active():
             return x
 
         def convert(t: Tensor) -> Tensor:
