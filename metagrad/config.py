@@ -105,9 +105,9 @@ class ExperimentConfig(RunSettings):
         "fp32", "fp32; bf16: query forwards in bfloat16, inner loop in float32; fp16: the same "
         "in float16 (CUDA only)", group="inner loop")
     memory_format: Literal["auto", "channels_last", "contiguous"] = setting(
-        "auto", "layout of image inputs: channels_last (NHWC, oneDNN's fastest on CPU) for every "
-        "forward but second-order inner gradients; auto: on CPU for convolutional models of "
-        "known layers", group="inner loop")
+        "auto", "layout of the query images of looped tasks: channels_last (NHWC, what oneDNN's "
+        "CPU convolutions run fastest on), contiguous (as given), or auto (channels_last on CPU "
+        "for convolutional models of known layers)", group="inner loop")
     # outer loop
     meta_batch: int = setting(25, "tasks per meta-iteration", min=1, group="outer loop")
     meta_lr: float = setting(1e-3, "β, the outer optimizer's learning rate", above=0,

@@ -125,7 +125,8 @@ class BlackBox(nn.Module):
     Options: ClassVar[type] = BlackBoxOptions
     capabilities: ClassVar[Capabilities] = Capabilities(
         inner_loop=False, first_order=False, learn_inner_lr=False, compile=False,
-        checkpoint_inner_steps=False, batching=False, transductive=False, precision=False)
+        checkpoint_inner_steps=False, batching=False, transductive=False, precision=False,
+        memory_format=False)
 
     def __init__(self, encoder: nn.Module, feature_dim: int, loss_fn: LossFn, *,
                  classes: int | None = None, target_dim: int = 1, width: int = 128,

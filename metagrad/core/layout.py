@@ -15,8 +15,9 @@ measured reasons (BENCHMARKS.md, "Channels-last activations"):
 * speed: a forward and its backward are faster in NHWC, but differentiating the graph of a
   gradient again (a second-order inner step's support loss) is slower;
 * accuracy: NHWC kernels round differently, and a rounding difference in the inner gradient is
-  amplified by α into θ' and from there into the meta-gradient (in float32 the meta-gradient
-  moved 2.6× further from float64 with NHWC support passes than with NHWC query passes only).
+  amplified by α into θ' and from there into the meta-gradient (on the Omniglot benchmarks
+  the float32 meta-gradient was 3–5× further from float64 with NHWC support and query passes
+  than with NHWC query passes only).
 
 Settings (``memory_format`` of every learner):
 

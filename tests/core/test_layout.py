@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from metagrad import MAML
-from metagrad.algorithms.base import Capabilities, LearnerSettings
+from metagrad.algorithms.base import LearnerSettings
+from metagrad.algorithms.blackbox import BlackBox
 from metagrad.core.layout import channels_last_safe, exactly_channels_last
 from metagrad.core.taskbatch import TaskBatch
 from metagrad.errors import ConfigError
@@ -141,8 +142,8 @@ def test_memory_format_setting_reaches_the_learner_or_is_refused():
                                LearnerSettings(memory_format="contiguous"))
     assert learner.memory_format == "contiguous" and not learner.layout.channels_last
     with pytest.raises(ConfigError, match="memory_format='channels_last'"):
-        Capabilities(memory_format=False).check(
-            LearnerSettings(memory_format="channels_last"), "BlackBox")
+        BlackBox.capabilities.check(LearnerSettings(memory_format="channels_last"), "blackbox")
+    BlackBox.capabilities.check(LearnerSettings(), "blackbox")  # "auto" has nothing to refuse
 
 
 # -- training in channels-last reaches the contiguous layout's accuracy ----------------------
