@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from trained import accuracy_after_training
 
 from metagrad import MAML
 from metagrad.algorithms.base import LearnerSettings
@@ -151,15 +152,9 @@ def trained_accuracy(memory_format: str, iterations: int = 60) -> tuple[float, f
     torch.manual_seed(0)
     learner = MAML(Conv4(1, 5, hidden=16), F.cross_entropy, inner_lr=0.4,
                    memory_format=memory_format)
-    optimizer = torch.optim.Adam(learner.parameters(), lr=3e-3)
-    for i in range(iterations):
-        optimizer.zero_grad()
-        learner.meta_gradient(image_tasks(tasks=4, seed=1 + i, noise=0.6))
-        optimizer.step()
-    curve = learner.evaluation_curve(image_tasks(tasks=100, seed=10_000, noise=0.6), 1,
-                                     lambda out, y: (out.argmax(-1) == y).float().mean())
-    accuracy = curve[:, -1]
-    return accuracy.mean().item(), 1.96 * accuracy.std().item() / math.sqrt(len(accuracy))
+    return accuracy_after_training(
+        learner, lambda i: image_tasks(tasks=4, seed=1 + i, noise=0.6),
+        image_tasks(tasks=100, seed=10_000, noise=0.6), iterations)
 
 
 def test_channels_last_training_reaches_the_contiguous_accuracy():

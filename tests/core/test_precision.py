@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from trained import accuracy_after_training
 
 from metagrad import MAML
 from metagrad.algorithms.base import Capabilities, LearnerSettings
@@ -169,17 +170,10 @@ def trained_accuracy(precision: str, iterations: int = 150) -> tuple[float, floa
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 5))
     learner = MAML(model, F.cross_entropy, inner_lr=0.05, precision=precision)
-    optimizer = torch.optim.Adam(learner.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
-    for _ in range(iterations):
-        optimizer.zero_grad()
-        learner.meta_gradient(gaussian_tasks(8, g))
-        optimizer.step()
-    test = gaussian_tasks(300, torch.Generator().manual_seed(2))
-    curve = learner.evaluation_curve(
-        test, 1, lambda out, y: (out.argmax(-1) == y).float().mean())
-    accuracy = curve[:, -1]
-    return accuracy.mean().item(), 1.96 * accuracy.std().item() / math.sqrt(len(accuracy))
+    return accuracy_after_training(learner, lambda _: gaussian_tasks(8, g),
+                                   gaussian_tasks(300, torch.Generator().manual_seed(2)),
+                                   iterations)
 
 
 def test_bf16_training_reaches_fp32_accuracy():
