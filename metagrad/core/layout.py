@@ -10,7 +10,7 @@ following convolutions, so the reorders disappear from the whole network.
 
 A policy converts the inputs of the query forwards (the meta-training loss and evaluation),
 which carry most of the FLOPs, and leaves the inner loop's support forwards as given, for two
-measured reasons (BENCHMARKS.md, "Channels-last activations"):
+measured reasons (BENCHMARKS.md, "Channels-last query passes"):
 
 * speed: a forward and its backward are faster in NHWC, but differentiating the graph of a
   gradient again (a second-order inner step's support loss) is slower;
