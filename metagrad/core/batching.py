@@ -35,7 +35,7 @@ from metagrad.errors import ConfigError
 Batching = Literal["auto", "vmap", "loop"]
 T = TypeVar("T")
 
-_ELEMENTWISE = (
+ELEMENTWISE_LAYERS: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus,
     nn.Identity, nn.Flatten,
 )
@@ -43,7 +43,7 @@ _ELEMENTWISE = (
 _VERIFIED_SECOND_ORDER = (
     nn.Linear, nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.GroupNorm,
     nn.BatchNorm1d, nn.BatchNorm2d,  # as plain tensor ops under vmap (fast_norm)
-    *_ELEMENTWISE,
+    *ELEMENTWISE_LAYERS,
 )
 _VERIFIED_FIRST_ORDER_ONLY = (nn.LayerNorm, nn.InstanceNorm2d)
 # Exact when forced (tests/algorithms/test_per_step_bn.py), not chosen by "auto".

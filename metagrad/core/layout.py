@@ -40,6 +40,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
+from metagrad.core.batching import ELEMENTWISE_LAYERS
 from metagrad.core.functional import functorch_transform_active
 from metagrad.core.taskbatch import Inputs, map_inputs
 from metagrad.errors import ConfigError
@@ -54,8 +55,7 @@ MEMORY_FORMATS: tuple[str, ...] = get_args(MemoryFormat)
 _LAYOUT_AGNOSTIC = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
     nn.GroupNorm, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Dropout2d,
-    nn.Linear, nn.Flatten, nn.Identity, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU,
-    nn.Tanh, nn.Sigmoid, nn.Softplus,
+    nn.Linear, *ELEMENTWISE_LAYERS,
 )
 
 
