@@ -16,7 +16,10 @@ to the largest component, and cosine), a torch.profiler table of one step (``--t
 CPU time), then the interleaved step times (median, min, ratio to fp32; benchmarks/timing.py).
 
     OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_precision.py \
-        --rounds 10 [--overhead] [--steps 5] [--arch max]
+        --rounds 10 [--overhead] [--steps 5] [--arch max] [--memory-format contiguous]
+
+metagrad's variants lay out query inputs by ``--memory-format`` (default ``auto``: channels-last
+on CPU for this net, as the library does).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def make_learner(variant: str, args: argparse.Namespace) -> MAML:
     torch.manual_seed(0)
     model = Conv4(1, WAYS, hidden=64, pooling=args.arch, input_size=28)
     learner = MAML(model, F.cross_entropy, inner_lr=LR, inner_steps=args.steps,
-                   first_order=args.first_order,
+                   first_order=args.first_order, memory_format=args.memory_format,
                    precision="fp32" if variant == "fp32" else "bf16")
     if variant == "bf16-all":
         learner.policy = dataclasses.replace(learner.policy, support=True)
@@ -111,12 +114,16 @@ def main() -> None:
     parser.add_argument("--overhead", action="store_true",
                         help="also time the plain float32 loop (metagrad's overhead)")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--memory-format", default="auto",
+                        choices=("auto", "channels_last", "contiguous"),
+                        help="metagrad's layout of query inputs (default: the library's)")
     args = parser.parse_args()
     variants = args.variants.split(",") + (["plain-loop"] if args.overhead else [])
     data = make_data(args.tasks)
     print(environment(), "| load", os.getloadavg())
     print(f"W2 {args.arch}: {args.tasks} tasks, {WAYS} support + {WAYS * QUERIES} query images, "
-          f"{args.steps} step(s), {'first' if args.first_order else 'second'} order")
+          f"{args.steps} step(s), {'first' if args.first_order else 'second'} order, "
+          f"memory_format={args.memory_format}")
     print(f"query passes: {query_flop_share(args):.1%} of the meta-gradient's FLOPs")
     steps = {v: step_of(v, args, data) for v in variants}
     reference = None
