@@ -41,6 +41,7 @@ import peers
 from timing import environment, interleaved, print_table
 
 from metagrad import MAML
+from metagrad.core.layout import MEMORY_FORMATS
 from metagrad.core.taskbatch import TaskBatch
 from metagrad.models.conv import Conv4
 
@@ -115,7 +116,7 @@ def main() -> None:
                         help="also time the plain float32 loop (metagrad's overhead)")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--memory-format", default="auto",
-                        choices=("auto", "channels_last", "contiguous"),
+                        choices=MEMORY_FORMATS,
                         help="metagrad's layout of query inputs (default: the library's)")
     args = parser.parse_args()
     variants = args.variants.split(",") + (["plain-loop"] if args.overhead else [])
