@@ -89,6 +89,14 @@ OMNIGLOT_ALGORITHMS: dict[str, dict] = {
     # evaluated up to the 10 steps it trains with
     "imaml": {"algo": "imaml", "inner_steps": 10, "inner_lr": 0.1, "imaml_lambda": 2.0,
               "eval_steps": 10},
+    # the authors' public Omniglot code: 16 plain steps on the support loss, one pull-back step
+    # on the proximal term, CG on (2I + H/12), 16 plain steps at test; and its inner loop alone
+    # (CG on the paper's I + H/λ)
+    "imaml-authors": {"algo": "imaml", "inner_steps": 16, "inner_lr": 0.1, "imaml_lambda": 2.0,
+                      "imaml_inner": "plain", "imaml_cg_damping": 1.0,
+                      "imaml_lambda_damping": 10.0, "eval_steps": 16},
+    "imaml-plain": {"algo": "imaml", "inner_steps": 16, "inner_lr": 0.1, "imaml_lambda": 2.0,
+                    "imaml_inner": "plain", "eval_steps": 16},
     # the CAVIA paper's image setting (§4.2): a 100-entry context through FiLM after the third
     # block, 2 steps of 1.0
     "cavia": {"algo": "cavia", "inner_lr": 1.0, "inner_steps": 2, "cavia_context_dim": 100},

@@ -144,11 +144,12 @@ def require_integer(name: str, value: object, minimum: int) -> None:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def require_positive(name: str, value: object) -> None:
-    """An option that must be a finite number ``> 0``."""
+def require_positive(name: str, value: object, *, allow_zero: bool = False) -> None:
+    """An option that must be a finite number ``> 0`` (``>= 0`` with ``allow_zero``)."""
     if isinstance(value, bool) or not isinstance(value, int | float) \
-            or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+            or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
 def measured_steps(at: Sequence[int] | None, max_steps: int) -> list[int]:

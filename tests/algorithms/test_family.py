@@ -313,6 +313,40 @@ def test_imaml_matches_the_analytic_ridge_regression_meta_gradient():
 
 
 
+def test_imaml_authors_code_variant_matches_its_recipe_computed_by_hand():
+    """``inner="plain"`` with the damped CG system, on the linear model where H = XᵀX/n: K plain
+    steps on L_s, one step of α on λ/2‖φ − θ‖², then ((1 + δ) I + H/(λ + λ_d))⁻¹ ∇L_q(φ);
+    adaptation for evaluation is the plain steps alone."""
+    g = torch.Generator().manual_seed(1)
+    d, lam, lr, steps, delta, lam_d = 4, 2.0, 0.1, 5, 1.0, 10.0
+    model = nn.Linear(d, 1, bias=False).to(DT)
+    X, y = torch.randn(20, d, generator=g, dtype=DT), torch.randn(20, 1, generator=g, dtype=DT)
+    Xq, yq = torch.randn(15, d, generator=g, dtype=DT), torch.randn(15, 1, generator=g, dtype=DT)
+    loss = lambda out, t: 0.5 * ((out - t) ** 2).sum() / out.shape[0]  # noqa: E731
+    imaml = IMAML(model, loss, inner_lr=lr, inner_steps=steps, lam=lam, cg_iterations=d,
+                  inner="plain", cg_damping=delta, lambda_damping=lam_d)
+    theta = model.weight.detach().reshape(-1)
+    A, b = X.T @ X / 20, (X.T @ y).reshape(-1) / 20
+    phi = theta.clone()
+    for _ in range(steps):
+        phi = phi - lr * (A @ phi - b)
+    torch.testing.assert_close(imaml.adapt(X, y)["weight"].reshape(-1), phi)
+    phi = phi - lr * lam * (phi - theta)
+    grad_q = Xq.T @ (Xq @ phi - yq.reshape(-1)) / 15
+    system = (1 + delta) * torch.eye(d, dtype=DT) + A / (lam + lam_d)
+    expected = torch.linalg.solve(system, grad_q)
+    got = grads_of(imaml, TaskBatch(X[None], y[None], Xq[None], yq[None]))["model.weight"]
+    # CG stops at ‖r‖² ≤ 1e-10: agreement to ~1e-5 relative
+    torch.testing.assert_close(got.reshape(-1), expected, rtol=1e-4, atol=1e-6)
+    paper = grads_of(IMAML(model, loss, inner_lr=lr, inner_steps=steps, lam=lam,
+                           cg_iterations=d), TaskBatch(X[None], y[None], Xq[None], yq[None]))
+    assert (paper["model.weight"].reshape(-1) - expected).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match="imaml_inner must be one of"):
+        IMAML(model, loss, inner="newton")
+    with pytest.raises(ConfigError, match="imaml_cg_damping must be a finite number >= 0"):
+        IMAML(model, loss, cg_damping=-1.0)
+
+
 def test_imaml_matches_the_unrolled_gradient_once_the_inner_problem_is_solved():
     """Smooth network (tanh), float64: the implicit meta-gradient equals the second-order gradient
     unrolled through 300 inner steps on L_s(φ) + λ/2‖φ − θ‖² (θ differentiated through the
