@@ -147,6 +147,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                     "no tuning of their step sizes on validation tasks)")
     ev.add_argument("--eval-seed", type=int, help="seed of the test tasks (default: the run's "
                     "eval_seed; runs evaluated with one seed meet the same tasks)")
+    ev.add_argument("--split", choices=("test", "val", "train"), default="test",
+                    help="classes the tasks are drawn from: test (default), val, or train (the "
+                    "meta-training classes, to measure the gap to unseen ones)")
     ev.add_argument("--rollouts", type=int, help="rl: episodes per task and adaptation step")
     ev.add_argument("--checkpoint", choices=("best", "last"), default=None,
                     help="which checkpoint (default: best, the validation-selected one)")
@@ -259,13 +262,13 @@ def _resolve(args: argparse.Namespace, values: dict[str, Any]) -> Any:
     return settings.resolve(args.task, args.preset, values)
 
 
-def _eval_dir(run_dir: Path, which: str, tasks: int | None) -> Path:
-    """A new folder for an evaluation, never an existing one, named by the checkpoint and the
-    number of test tasks (``tasks``, else the run's ``eval_tasks``)."""
+def _eval_dir(run_dir: Path, which: str, tasks: int | None, split: str = "test") -> Path:
+    """A new folder for an evaluation, never an existing one, named by the checkpoint, the
+    number of tasks (``tasks``, else the run's ``eval_tasks``) and a split other than test."""
     from metagrad.training.loop import read_config
 
     tasks = tasks or read_config(run_dir).eval_tasks
-    base = run_dir / f"eval-{which}-{tasks}tasks"
+    base = run_dir / f"eval-{which}-{tasks}tasks{'' if split == 'test' else '-' + split}"
     path, n = base, 1
     while path.exists():
         n += 1
@@ -294,7 +297,8 @@ def _print_eval(run_dir: Path, out: Path | None, which: str, **kwargs: Any) -> N
         from metagrad.training.rl import print_rl_eval
 
         for flag, value in (("--report-steps", kwargs.pop("report_steps", None)),
-                            ("--no-baselines", not kwargs.pop("baselines", True))):
+                            ("--no-baselines", not kwargs.pop("baselines", True)),
+                            ("--split", kwargs.pop("split", "test") != "test")):
             if value:
                 raise ConfigError(f"{flag} applies to supervised runs; {run_dir} is a meta-RL "
                                   "run (it reports every step up to --steps)")
@@ -310,7 +314,7 @@ def _print_eval(run_dir: Path, out: Path | None, which: str, **kwargs: Any) -> N
     data = (out or run_dir) / "eval.json"
     iteration = json.loads(data.read_text())["iteration"]
     print(f"\nevaluating the {which} checkpoint (iteration {iteration}): query {metric}, mean "
-          f"± 95% CI over {rows[0].tasks} test tasks, after N steps:")
+          f"± 95% CI over {rows[0].tasks} {rows[0].split} tasks, after N steps:")
     steps = sorted({r.steps for r in rows})
     shown = tuple(s for s in steps if s in (0, 1, 3, 5, 10) or s == steps[-1]
                   or kwargs.get("report_steps") is not None)
@@ -395,11 +399,12 @@ def main(argv: list[str] | None = None) -> int:
                 from metagrad.training.run import check_directory
 
                 check_directory(args.out)
-            out = args.out or _eval_dir(args.run_dir, which, args.tasks)
+            out = args.out or _eval_dir(args.run_dir, which, args.tasks, args.split)
             _print_eval(args.run_dir, out, which=which, tasks=args.tasks,
                         steps=args.steps, shots=args.shots, rollouts=args.rollouts,
                         device=args.device, report_steps=args.report_steps,
-                        baselines=not args.no_baselines, eval_seed=args.eval_seed)
+                        baselines=not args.no_baselines, eval_seed=args.eval_seed,
+                        split=args.split)
         elif args.command == "presets":
             _presets()
         elif args.command == "data":

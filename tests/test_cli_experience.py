@@ -112,6 +112,21 @@ def test_presets_lists_supervised_and_rl_presets(capsys):
     assert "omniglot --preset paper-20way" in out and "train rl --env navigation2d" in out
 
 
+def test_eval_on_the_training_split_writes_its_own_folder(run, capsys):
+    """Sinusoid has no class splits: every split draws from one distribution, so the training
+    split's numbers equal the test split's on the same tasks; the folder and the rows say
+    which split they measured."""
+    assert main(["eval", str(run), "--tasks", "5", "--split", "train", "--no-baselines"]) == 0
+    assert "over 5 train tasks" in capsys.readouterr().out
+    seen = json.loads((run / "eval-best-5tasks-train" / "eval.json").read_text())
+    assert seen["split"] == "train" and {r["split"] for r in seen["results"]} == {"train"}
+    assert main(["eval", str(run), "--tasks", "5", "--no-baselines"]) == 0
+    test = json.loads((run / "eval-best-5tasks" / "eval.json").read_text())
+    assert [r["mean"] for r in seen["results"]] == [r["mean"] for r in test["results"]]
+    with pytest.raises(SystemExit):  # argparse: "invalid choice"
+        main(["eval", str(run), "--split", "training"])
+
+
 def test_eval_folder_is_named_by_the_runs_own_number_of_test_tasks(run):
     assert main(["eval", str(run)]) == 0
     tasks = yaml.safe_load((run / "config.yaml").read_text())["eval_tasks"]

@@ -28,13 +28,14 @@ class TaskSetup:
     """Everything the trainer and the evaluator need from a task.
 
     ``train`` draws meta-training batches; ``held_out(split, shots)`` returns the sampler of
-    ``"val"`` or ``"test"`` tasks with ``shots`` examples per class (or per task, for
-    regression); ``metric`` is ``"mse"`` (lower is better) or ``"accuracy"``; ``make_model()``
-    builds a fresh network (called for the learner and each baseline); ``classes`` is the
-    number of classes per task (``None`` for regression); ``artifacts`` are JSON-able records
-    saved in the run directory (e.g. ``{"split.json": ...}``); ``plots(learners, run_dir,
-    shots, steps, generator)`` may draw task-specific figures after evaluation and return their
-    paths."""
+    ``"val"`` or ``"test"`` tasks (or ``"train"``: the meta-training classes with the held-out
+    episode sizes) with ``shots`` examples per class (or per task, for regression; a task
+    without class splits may return the same sampler for every split); ``metric`` is ``"mse"``
+    (lower is better) or ``"accuracy"``; ``make_model()`` builds a fresh network (called for
+    the learner and each baseline); ``classes`` is the number of classes per task (``None`` for
+    regression); ``artifacts`` are JSON-able records saved in the run directory (e.g.
+    ``{"split.json": ...}``); ``plots(learners, run_dir, shots, steps, generator)`` may draw
+    task-specific figures after evaluation and return their paths."""
 
     train: TaskSampler
     held_out: Callable[[str, int], TaskSampler]

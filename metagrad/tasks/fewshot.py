@@ -403,12 +403,14 @@ def classification_setup(splits: dict[str, FewShotTasks], make_model: Callable[[
                          artifacts: dict[str, Any] | None = None) -> TaskSetup:
     """The :class:`TaskSetup` of episodes with one sampler per split (``"train"``, ``"val"``,
     ``"test"``): ``held_out(split, shots)`` is that split's sampler with ``shots`` shots
-    (built once per pair, sharing the split's items)."""
+    (built once per pair, sharing the split's items); for ``"train"`` (the meta-training
+    classes, to measure the gap to unseen ones) with the held-out splits' number of queries."""
 
     @functools.cache
     def held_out(split: str, shots: int) -> FewShotTasks:
-        require_choice("split", split, ("val", "test"))
-        return splits[split].replace(shots=shots)
+        require_choice("split", split, ("val", "test", "train"))
+        queries = splits["test"].queries if split == "train" else None
+        return splits[split].replace(shots=shots, queries=queries)
 
     return TaskSetup(splits["train"], held_out, "accuracy", make_model,
                      classes=splits["train"].ways, artifacts=dict(artifacts or {}))

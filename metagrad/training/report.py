@@ -26,14 +26,21 @@ from metagrad.training.loop import read_config
 from metagrad.training.plots import plot_metric_vs_steps
 from metagrad.training.run import TEST_SEED_OFFSET, VAL_SEED_OFFSET
 
+SPLITS = ("test", "val", "train")
+"""The classes an evaluation's tasks may come from (``evaluate_run(split=...)``)."""
+
 
 def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | None = None,
                  shots: list[int] | None = None, which: str = "best", scratch: bool = True,
                  out: str | Path | None = None, device: str | None = None,
                  pretrained: bool = True, report_steps: Sequence[int] | None = None,
-                 eval_seed: int | None = None) -> tuple[list[EvalRow], list[Path]]:
+                 eval_seed: int | None = None, split: str = "test"
+                 ) -> tuple[list[EvalRow], list[Path]]:
     """Evaluates the ``which`` (``"best"``: validation-selected, or ``"last"``) checkpoint of a
-    supervised run on ``tasks`` test tasks (default ``eval_tasks``) after each number of steps
+    supervised run on ``tasks`` tasks (default ``eval_tasks``) of ``split`` (``"test"``;
+    ``"val"``, or ``"train"`` for the meta-training classes: the gap to ``"test"`` is how much
+    of the accuracy is memorised; tasks without splits draw every split from one distribution)
+    after each number of steps
     in ``report_steps`` (strictly increasing, within 0..``steps``; default every one of
     0..``steps``), beside the baselines — ``pretrained`` (if the run trained it) and
     ``scratch`` unless switched off — and writes ``eval.json`` and the figures into ``out``
@@ -77,6 +84,8 @@ def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | Non
     steps = cfg.eval_steps if steps is None else steps
     measured_steps(report_steps, steps)  # refuses bad steps before any work
     setup = exp.setup
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
     for name in [n for n in learners if n != cfg.algo]:
         learners[name] = tune_fine_tuning(
             learners[name], setup.held_out("val", cfg.shots), cfg.val_tasks, steps,
@@ -90,15 +99,15 @@ def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | Non
     for k in shots:
         for name, learner in learners.items():
             gen = torch.Generator().manual_seed(seed + TEST_SEED_OFFSET + k)
-            curves = evaluation_curves(learner, setup.held_out("test", k), tasks, steps,
+            curves = evaluation_curves(learner, setup.held_out(split, k), tasks, steps,
                                        setup.metric, gen, exp.device, at=report_steps)
-            rows += rows_from_curves(curves, name, k, "test", setup.classes,
+            rows += rows_from_curves(curves, name, k, split, setup.classes,
                                      curve_steps(learner, steps, report_steps))
     out = run_dir if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(
         {"metric": setup.metric, "checkpoint": path.name, "iteration": state["iteration"],
-         "eval_seed": seed, "step_sizes": step_sizes,
+         "eval_seed": seed, "split": split, "step_sizes": step_sizes,
          "results": [r.to_dict() for r in rows]}, indent=1))
     figures = [plot_metric_vs_steps(rows, setup.metric, out / f"{setup.metric}_vs_steps.png")]
     if setup.plots is not None:

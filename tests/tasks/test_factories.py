@@ -39,8 +39,11 @@ def check_classification(setup, ways, shots, queries, eval_queries, x_shape):
     t = setup.held_out("test", 2).sample(2, torch.Generator().manual_seed(0))
     assert t.support_x.shape == (2, ways * 2, *x_shape)
     assert t.query_x.shape == (2, ways * eval_queries, *x_shape)
+    seen = setup.held_out("train", 2)  # the meta-training classes, held-out episode sizes
+    assert seen.num_classes == setup.train.num_classes != setup.held_out("test", 2).num_classes
+    assert seen.sample(1, torch.Generator()).query_x.shape == (1, ways * eval_queries, *x_shape)
     with pytest.raises(ConfigError, match="split"):
-        setup.held_out("train", 1)
+        setup.held_out("trian", 1)
     model = setup.make_model()
     assert model(b.query_x[0]).shape == (ways * queries, ways)
     assert setup.make_model() is not model
