@@ -86,9 +86,10 @@ OMNIGLOT_ALGORITHMS: dict[str, dict] = {
     "anil": {"algo": "anil"},
     # 5 SGD steps on the task's support and query images (Reptile's Alg. 2, its default here)
     "reptile": {"algo": "reptile", "inner_steps": 5, "inner_lr": 0.1},
-    # evaluated up to the 10 steps it trains with
-    "imaml": {"algo": "imaml", "inner_steps": 10, "inner_lr": 0.1, "imaml_lambda": 2.0,
-              "eval_steps": 10},
+    # the paper's GD variant (16 steps for 5-way, λ 2, 5 CG iterations), evaluated up to the
+    # steps it trains with
+    "imaml": {"algo": "imaml", "inner_steps": 16, "inner_lr": 0.1, "imaml_lambda": 2.0,
+              "eval_steps": 16},
     # the authors' public Omniglot code: 16 plain steps on the support loss, one pull-back step
     # on the proximal term, CG on (2I + H/12), 16 plain steps at test; and its inner loop alone
     # (CG on the paper's I + H/λ)
