@@ -57,7 +57,8 @@ class IMAMLOptions:
         "help": "inner loop: proximal (the paper's Eq. 3, monotone gradient descent on the "
                 "support loss + lambda/2 |phi - theta|^2) or plain (the authors' code: plain "
                 "steps on the support loss, then one step pulling phi back towards theta; "
-                "evaluation without the pull-back)"})
+                "evaluation without the pull-back; the one that learns on Omniglot, see the "
+                "README)"})
     imaml_cg_damping: float = field(default=0.0, metadata={
         "help": "delta in the CG system ((1 + delta) I + H/(lambda + lambda_damping)) g = "
                 "grad L_query (the paper: 0; the authors' code: 1)"})
