@@ -56,8 +56,9 @@ def test_options_keep_the_configuration_names():
     assert [f.name for f in dataclasses.fields(MAMLppOptions)] == [
         "mamlpp_multi_step_loss", "mamlpp_msl_epochs", "mamlpp_first_order_epochs",
         "mamlpp_step_lrs", "mamlpp_per_step_bn", "iterations_per_epoch"]
-    assert [f.name for f in dataclasses.fields(IMAMLOptions)] == ["imaml_lambda",
-                                                                 "imaml_cg_iterations"]
+    assert [f.name for f in dataclasses.fields(IMAMLOptions)] == [
+        "imaml_lambda", "imaml_cg_iterations", "imaml_inner", "imaml_cg_damping",
+        "imaml_lambda_damping"]
     assert [f.name for f in dataclasses.fields(CAVIAOptions)] == ["cavia_context_dim"]
     assert [f.name for f in dataclasses.fields(BlackBoxOptions)] == [
         "blackbox_width", "blackbox_layers", "blackbox_heads"]
