@@ -26,6 +26,7 @@ import yaml
 import metagrad
 from metagrad import config as settings
 from metagrad.errors import ConfigError, MetagradError
+from metagrad.tasks.base import SPLITS
 
 DESCRIPTION = ("Gradient-based meta-learning (MAML and its family) for any torch.nn.Module: "
                "train, evaluate, list presets.")
@@ -147,7 +148,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                     "no tuning of their step sizes on validation tasks)")
     ev.add_argument("--eval-seed", type=int, help="seed of the test tasks (default: the run's "
                     "eval_seed; runs evaluated with one seed meet the same tasks)")
-    ev.add_argument("--split", choices=("test", "val", "train"), default="test",
+    ev.add_argument("--split", choices=SPLITS, default="test",
                     help="classes the tasks are drawn from: test (default), val, or train (the "
                     "meta-training classes, to measure the gap to unseen ones)")
     ev.add_argument("--rollouts", type=int, help="rl: episodes per task and adaptation step")

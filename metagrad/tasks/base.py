@@ -23,6 +23,11 @@ Metric = Literal["mse", "accuracy"]
 Split = Literal["val", "test"]
 
 
+SPLITS = ("train", "val", "test")
+"""The splits of a task's classes (``TaskSetup.held_out`` accepts each; ``"train"``: the
+meta-training classes)."""
+
+
 @dataclass
 class TaskSetup:
     """Everything the trainer and the evaluator need from a task.

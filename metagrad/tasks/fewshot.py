@@ -36,12 +36,11 @@ from torch.utils.data import Dataset
 from metagrad.core.taskbatch import TaskBatch
 from metagrad.errors import ConfigError, DataError
 from metagrad.models.conv import Conv4
-from metagrad.tasks.base import TaskSetup, task
+from metagrad.tasks.base import SPLITS, TaskSetup, task
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
-SPLITS = ("train", "val", "test")
 
 Transform = Callable[[Any], Any]
 """``transform(x) -> Tensor | PIL.Image``, applied to each item's ``x`` when sampled."""
@@ -408,7 +407,7 @@ def classification_setup(splits: dict[str, FewShotTasks], make_model: Callable[[
 
     @functools.cache
     def held_out(split: str, shots: int) -> FewShotTasks:
-        require_choice("split", split, ("val", "test", "train"))
+        require_choice("split", split, SPLITS)
         queries = splits["test"].queries if split == "train" else None
         return splits[split].replace(shots=shots, queries=queries)
 

@@ -12,6 +12,7 @@ import torch
 from metagrad.algorithms.base import measured_steps
 from metagrad.distributed import resolve_device
 from metagrad.errors import CheckpointError, ConfigError
+from metagrad.tasks.base import SPLITS
 from metagrad.training import checkpoint as ckpt
 from metagrad.training.evaluation import (
     EvalRow,
@@ -25,9 +26,6 @@ from metagrad.training.experiment import PRETRAINED, build
 from metagrad.training.loop import read_config
 from metagrad.training.plots import plot_metric_vs_steps
 from metagrad.training.run import TEST_SEED_OFFSET, VAL_SEED_OFFSET
-
-SPLITS = ("test", "val", "train")
-"""The classes an evaluation's tasks may come from (``evaluate_run(split=...)``)."""
 
 
 def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | None = None,
