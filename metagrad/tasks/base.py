@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import torch
 from torch import nn
@@ -20,12 +20,10 @@ from torch import nn
 from metagrad.core.taskbatch import TaskBatch, TaskSampler
 
 Metric = Literal["mse", "accuracy"]
-Split = Literal["val", "test"]
-
-
-SPLITS = ("train", "val", "test")
-"""The splits of a task's classes (``TaskSetup.held_out`` accepts each; ``"train"``: the
+Split = Literal["train", "val", "test"]
+"""A split of a task's classes (``TaskSetup.held_out`` accepts each; ``"train"``: the
 meta-training classes)."""
+SPLITS: tuple[Split, ...] = get_args(Split)
 
 
 @dataclass

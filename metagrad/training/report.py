@@ -12,7 +12,7 @@ import torch
 from metagrad.algorithms.base import measured_steps
 from metagrad.distributed import resolve_device
 from metagrad.errors import CheckpointError, ConfigError
-from metagrad.tasks.base import SPLITS
+from metagrad.tasks.base import SPLITS, Split
 from metagrad.training import checkpoint as ckpt
 from metagrad.training.evaluation import (
     EvalRow,
@@ -32,7 +32,7 @@ def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | Non
                  shots: list[int] | None = None, which: str = "best", scratch: bool = True,
                  out: str | Path | None = None, device: str | None = None,
                  pretrained: bool = True, report_steps: Sequence[int] | None = None,
-                 eval_seed: int | None = None, split: str = "test"
+                 eval_seed: int | None = None, split: Split = "test"
                  ) -> tuple[list[EvalRow], list[Path]]:
     """Evaluates the ``which`` (``"best"``: validation-selected, or ``"last"``) checkpoint of a
     supervised run on ``tasks`` tasks (default ``eval_tasks``) of ``split`` (``"test"``;
@@ -61,6 +61,8 @@ def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | Non
         if value is not None and (not isinstance(value, int) or value < (name == "tasks")):
             raise ConfigError(f"--{name} must be an integer >= {int(name == 'tasks')}, "
                               f"got {value!r}")
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
     if shots is not None and (not shots or any(k < 1 for k in shots)):
         raise ConfigError(f"--shots must list positive integers, got {shots}")
     exp = build(cfg, resolve_device(device or cfg.device))
@@ -82,8 +84,6 @@ def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | Non
     steps = cfg.eval_steps if steps is None else steps
     measured_steps(report_steps, steps)  # refuses bad steps before any work
     setup = exp.setup
-    if split not in SPLITS:
-        raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
     for name in [n for n in learners if n != cfg.algo]:
         learners[name] = tune_fine_tuning(
             learners[name], setup.held_out("val", cfg.shots), cfg.val_tasks, steps,
